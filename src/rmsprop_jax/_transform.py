@@ -1,0 +1,421 @@
+"""Init/update plumbing around :func:`rmsprop_jax._update.rms_leaf`.
+
+Tree mapping, state layout, schedules, dtype handling and validation live here;
+the arithmetic does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmsprop_jax._update import Flags, Scalars, rms_leaf
+
+ScalarOrSchedule = float | jax.Array | optax.Schedule
+MaskOrFn = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a pytree
+
+
+class RmsPropState(NamedTuple):
+    """State of :func:`rmsprop` and :func:`scale_by_rms`.
+
+    Attributes:
+      count: number of steps taken (int32 scalar); drives schedules and bias correction.
+      nu: exponential moving average of squared gradients, one leaf per parameter.
+      mu: exponential moving average of gradients (``centered=True``), else ``None``.
+      trace: momentum buffer (``momentum`` not ``None``), else ``None``.
+    """
+
+    count: jax.Array
+    nu: optax.Updates
+    mu: optax.Updates | None
+    trace: optax.Updates | None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _concrete(x: Any) -> float | None:
+    """``x`` as a Python float if it is a concrete real scalar, else ``None`` (traced: unchecked)."""
+    if isinstance(x, jax.core.Tracer) or callable(x):
+        return None
+    arr = np.asarray(x)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"expected a scalar number, got {x!r} of shape {arr.shape}")
+    return float(arr.real)
+
+
+def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+    try:
+        v = _concrete(value)
+    except ValueError as e:
+        raise ValueError(f"{name}={value!r} is invalid: {e}; allowed: {allowed}.") from None
+    if v is not None and not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}.")
+
+
+def _check_dtype(name: str, dtype: Any) -> Any:
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"{name}={dtype!r} is not a dtype; allowed: a floating dtype or None.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"{name}={dtype!r} is not a floating dtype; allowed: a floating dtype or None.")
+    return dt
+
+
+def _validate_core(decay: Any, eps: Any, initial_scale: Any) -> None:
+    _check("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
+    _check("eps", eps, lambda v: v >= 0, "eps >= 0")
+    _check("initial_scale", initial_scale, lambda v: v >= 0, "initial_scale >= 0")
+
+
+def _static_zero(x: Any) -> bool:
+    """True for ``None`` and for a concrete zero: the option is statically off."""
+    if x is None:
+        return True
+    if callable(x) or isinstance(x, jax.core.Tracer):
+        return False
+    return float(np.asarray(x)) == 0.0
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _float_leaf_dtype(path: Any, leaf: Any) -> Any:
+    dtype = jnp.dtype(leaf.dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"params leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; "
+            "RMSProp needs floating or complex parameters. Exclude integer and boolean "
+            "leaves from the optimized tree (e.g. with optax.masked or a Flax `wrt` filter)."
+        )
+    return dtype
+
+
+def _accumulator_dtypes(param_dtype: Any, accumulator_dtype: Any) -> tuple[Any, Any]:
+    """(dtype of nu, dtype of mu/trace) for a parameter dtype.
+
+    nu holds |g|^2 and is real for complex parameters; mu and the momentum
+    buffer follow the gradient and stay complex.
+    """
+    base = param_dtype if accumulator_dtype is None else accumulator_dtype
+    real = jnp.finfo(base).dtype
+    if jnp.issubdtype(param_dtype, jnp.complexfloating):
+        return real, jnp.result_type(real, jnp.complex64)
+    return real, base
+
+
+def _init_state(
+    params: Any, initial_scale: Any, centered: bool, momentum: bool, accumulator_dtype: Any
+) -> RmsPropState:
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    nus, mus, traces = [], [], []
+    for path, p in paths_leaves:
+        nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype)
+        nus.append(_full_like_param(p, initial_scale, nu_dt))
+        if centered:
+            mus.append(_full_like_param(p, 0, acc_dt))
+        if momentum:
+            traces.append(_full_like_param(p, 0, acc_dt))
+    return RmsPropState(
+        count=jnp.zeros([], jnp.int32),
+        nu=treedef.unflatten(nus),
+        mu=treedef.unflatten(mus) if centered else None,
+        trace=treedef.unflatten(traces) if momentum else None,
+    )
+
+
+def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
+    """An accumulator for parameter ``p``; works on arrays and ``jax.ShapeDtypeStruct``."""
+    if isinstance(p, jax.core.Tracer):
+        return jnp.full_like(p, value, dtype=dtype)
+    # Concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same.
+    return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
+
+
+# --------------------------------------------------------------------------- update
+
+
+def _check_structure(grads: Any, state: RmsPropState) -> jax.tree_util.PyTreeDef:
+    treedef = jax.tree.structure(grads)
+    nu_def = jax.tree.structure(state.nu)
+    if treedef != nu_def:
+        raise ValueError(
+            "the gradient tree does not match the optimizer state.\n"
+            f"  gradients: {treedef}\n  state.nu:  {nu_def}\n"
+            "Pass gradients with the structure of the params given to init()."
+        )
+    paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, g), nu in zip(paths_grads, jax.tree.leaves(state.nu), strict=True):
+        if jnp.shape(g) != jnp.shape(nu):
+            raise ValueError(
+                f"gradient leaf {jax.tree_util.keystr(path) or '<root>'} has shape {jnp.shape(g)} "
+                f"but its state (and so its parameter) has shape {jnp.shape(nu)}."
+            )
+    return treedef
+
+
+def _mask_leaves(mask: MaskOrFn | None, params: Any, treedef: jax.tree_util.PyTreeDef) -> list[Any]:
+    """One mask value per leaf: a static Python bool where possible, else a boolean array."""
+    n = treedef.num_leaves
+    if mask is None:
+        return [True] * n
+    tree = mask(params) if callable(mask) else mask
+    # The mask may be a prefix of the params tree: broadcast each entry over its subtree.
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, treedef.unflatten([0] * n))
+    out = []
+    for m in jax.tree.leaves(full):
+        if isinstance(m, (bool, np.bool_)) or (isinstance(m, np.ndarray) and m.shape == ()):
+            out.append(bool(m))
+        else:
+            out.append(m)
+    return out
+
+
+def _value(x: ScalarOrSchedule | None, count: jax.Array) -> Any:
+    """A hyperparameter's value at step ``count`` (``None`` stays ``None``)."""
+    if x is None:
+        return None
+    return x(count) if callable(x) else x
+
+
+def _make(
+    *,
+    learning_rate: ScalarOrSchedule | None,
+    decay: Any,
+    eps: Any,
+    initial_scale: Any,
+    flags: Flags,
+    momentum: Any,
+    weight_decay: ScalarOrSchedule | None,
+    decoupled_weight_decay: bool,
+    weight_decay_mask: MaskOrFn | None,
+    accumulator_dtype: Any,
+) -> optax.GradientTransformation:
+    """Build the transformation. ``weight_decay`` is ``None`` when statically off."""
+
+    def init_fn(params: optax.Params) -> RmsPropState:
+        return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype)
+
+    def update_fn(
+        updates: optax.Updates, state: RmsPropState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, RmsPropState]:
+        treedef = _check_structure(updates, state)
+        if weight_decay is not None and params is None:
+            raise ValueError(
+                f"weight_decay={weight_decay!r} needs the parameters: call update(grads, state, params)."
+            )
+        count = state.count
+        count_inc = optax.safe_increment(count)
+        wd = _value(weight_decay, count)
+        scalars = Scalars(
+            lr=_value(learning_rate, count),
+            decay=decay,
+            one_minus_decay=1 - decay,
+            eps=eps,
+            momentum=momentum,
+            coupled_wd=None if decoupled_weight_decay else wd,
+            decoupled_wd=wd if decoupled_weight_decay else None,
+            bias_correction=(1 - decay**count_inc) if flags.bias_correction else None,
+        )
+        n = treedef.num_leaves
+        gs = treedef.flatten_up_to(updates)
+        nus = treedef.flatten_up_to(state.nu)
+        mus = treedef.flatten_up_to(state.mu) if flags.centered else [None] * n
+        trs = treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n
+        ps = treedef.flatten_up_to(params) if weight_decay is not None else [None] * n
+        masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
+
+        outs = [rms_leaf(flags, scalars, *leaf) for leaf in zip(gs, ps, nus, mus, trs, masks, strict=True)]
+        cols = list(zip(*outs, strict=True)) or [()] * 4
+        new_updates, new_nu, new_mu, new_trace = (treedef.unflatten(c) for c in cols)
+        return new_updates, RmsPropState(
+            count=count_inc,
+            nu=new_nu,
+            mu=new_mu if flags.centered else None,
+            trace=new_trace if flags.momentum else None,
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- public factories
+
+
+def rmsprop(
+    learning_rate: ScalarOrSchedule,
+    decay: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-8,
+    initial_scale: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: float | jax.Array | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    weight_decay: ScalarOrSchedule | None = None,
+    decoupled_weight_decay: bool = False,
+    weight_decay_mask: MaskOrFn | None = None,
+    lr_in_momentum: bool = True,
+    maximize: bool = False,
+    accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""RMSProp as an Optax gradient transformation; a drop-in for :func:`optax.rmsprop`.
+
+    The positional arguments, their defaults and the results equal
+    ``optax.rmsprop``'s. For a gradient :math:`g_t`, parameters :math:`p_t`,
+    learning rate :math:`\alpha_t` and decay :math:`\rho`:
+
+    .. math::
+
+        g &\leftarrow -g_t \ \text{if maximize}; \quad
+        g \leftarrow g + \lambda p_t \ \text{(coupled weight decay)} \\
+        \nu_t &= \rho\,\nu_{t-1} + (1-\rho)\,|g|^2 \qquad (\nu_0 = \text{initial\_scale}) \\
+        \mu_t &= \rho\,\mu_{t-1} + (1-\rho)\,g \qquad \text{(centered only)} \\
+        \hat\nu_t, \hat\mu_t &= \nu_t / (1-\rho^t),\ \mu_t / (1-\rho^t) \quad \text{(bias\_correction)} \\
+        v_t &= \max(\hat\nu_t - |\hat\mu_t|^2, 0) \ \text{if centered else}\ \hat\nu_t \\
+        u_t &= g / \sqrt{v_t + \epsilon} \ \text{if eps\_in\_sqrt else}\ g / (\sqrt{v_t} + \epsilon)
+
+    Momentum :math:`m` (when not ``None``), with the learning rate inside the
+    buffer (``lr_in_momentum=True``: optax, TensorFlow, Keras) or outside it
+    (``False``: PyTorch):
+
+    .. math::
+
+        \text{inside:}\quad b_t &= -\alpha_t u_t + m\,b_{t-1}, \quad \Delta_t = b_t
+            \ (\text{nesterov: } -\alpha_t u_t + m\,b_t) \\
+        \text{outside:}\quad b_t &= u_t + m\,b_{t-1}, \quad \Delta_t = -\alpha_t b_t
+            \ (\text{nesterov: } -\alpha_t (u_t + m\,b_t))
+
+    Without momentum :math:`\Delta_t = -\alpha_t u_t`. Decoupled weight decay
+    (AdamW, Keras 3) adds :math:`-\alpha_t \lambda p_t` to :math:`\Delta_t`.
+    The two placements of the learning rate agree while it is constant and
+    differ as soon as it changes.
+
+    Args:
+      learning_rate: :math:`\alpha`, a float, 0-d array or optax schedule.
+      decay: :math:`\rho`, in [0, 1).
+      eps: :math:`\epsilon \ge 0`, added inside or outside the square root.
+      initial_scale: :math:`\nu_0 \ge 0` (TensorFlow 1 uses 1.0).
+      eps_in_sqrt: where eps sits: inside the root (optax, TF1) or outside (PyTorch, Keras).
+      centered: divide by the root of the variance estimate (Graves, 2013).
+      momentum: :math:`m` in [0, 1), or ``None`` for no momentum buffer.
+      nesterov: Nesterov momentum; requires ``momentum``.
+      bias_correction: divide the moments by :math:`1-\rho^t`.
+      weight_decay: :math:`\lambda \ge 0`, a float or schedule; ``None``/0 is off.
+      decoupled_weight_decay: ``False``: L2 added to the gradient before the
+        moments (PyTorch ``weight_decay``); ``True``: :math:`p \leftarrow p -
+        \alpha\lambda p` beside the update (AdamW, Keras 3).
+      weight_decay_mask: a pytree of bools with the params' structure (or a
+        prefix of it), or a function ``params -> such a pytree``; ``False``
+        leaves (biases, norms) are not decayed. optax's convention.
+      lr_in_momentum: see above; irrelevant without momentum.
+      maximize: ascend the objective instead of descending it (PyTorch's flag).
+      accumulator_dtype: dtype of ``nu``, ``mu`` and the momentum buffer;
+        default: each parameter's dtype. The arithmetic always runs in at
+        least float32 and updates come back in the gradients' dtype.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is :class:`RmsPropState`.
+
+    .. warning::
+      Libraries disagree on eps placement, the initial accumulator, lr placement
+      and weight decay; see :mod:`rmsprop_jax.presets` to reproduce each exactly.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax
+      >>> opt = rmsprop_jax.rmsprop(learning_rate=0.1)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.array([0.5, 0.5])}, state, params)
+      >>> optax.apply_updates(params, updates)["w"]
+      Array([ 0.6837723, -2.3162277], dtype=float32)
+
+    References:
+      Hinton, Srivastava, Swersky, *Neural Networks for Machine Learning*, lecture 6e (2012).
+      Graves, *Generating Sequences With Recurrent Neural Networks*, arXiv:1308.0850, eqs. 38-41 (2013).
+    """
+    _check("learning_rate", learning_rate, lambda v: v >= 0, "learning_rate >= 0, or an optax schedule")
+    _validate_core(decay, eps, initial_scale)
+    if momentum is not None:
+        _check("momentum", momentum, lambda v: 0 <= v < 1, "0 <= momentum < 1, or None")
+    if nesterov and (momentum is None or _static_zero(momentum)):
+        raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}.")
+    _check(
+        "weight_decay",
+        weight_decay if weight_decay is not None else 0.0,
+        lambda v: v >= 0,
+        "weight_decay >= 0",
+    )
+    return _make(
+        learning_rate=learning_rate,
+        decay=decay,
+        eps=eps,
+        initial_scale=initial_scale,
+        flags=Flags(
+            eps_in_sqrt=bool(eps_in_sqrt),
+            centered=bool(centered),
+            momentum=momentum is not None,
+            nesterov=bool(nesterov),
+            bias_correction=bool(bias_correction),
+            lr_in_momentum=bool(lr_in_momentum),
+            maximize=bool(maximize),
+        ),
+        momentum=momentum,
+        weight_decay=None if _static_zero(weight_decay) else weight_decay,
+        decoupled_weight_decay=bool(decoupled_weight_decay),
+        weight_decay_mask=weight_decay_mask,
+        accumulator_dtype=_check_dtype("accumulator_dtype", accumulator_dtype),
+    )
+
+
+def scale_by_rms(
+    decay: float | jax.Array = 0.9,
+    eps: float | jax.Array = 1e-8,
+    initial_scale: float | jax.Array = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    centered: bool = False,
+    accumulator_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""The RMSProp preconditioner alone, :math:`g \mapsto g / \sqrt{v_t + \epsilon}`.
+
+    A drop-in for :func:`optax.scale_by_rms` and, with ``centered=True``, for
+    :func:`optax.scale_by_stddev`; the equations are :func:`rmsprop`'s without
+    the learning rate, momentum and weight decay. Chain it with
+    ``optax.scale_by_learning_rate`` (or anything else) as usual.
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax
+      >>> opt = rmsprop_jax.scale_by_rms(decay=0.5)
+      >>> u, _ = opt.update(jnp.array([2.0]), opt.init(jnp.zeros(1)))
+      >>> u
+      Array([1.4142135], dtype=float32)
+    """
+    _validate_core(decay, eps, initial_scale)
+    return _make(
+        learning_rate=None,
+        decay=decay,
+        eps=eps,
+        initial_scale=initial_scale,
+        flags=Flags(
+            eps_in_sqrt=bool(eps_in_sqrt),
+            centered=bool(centered),
+            bias_correction=bool(bias_correction),
+            scale_by_lr=False,
+        ),
+        momentum=None,
+        weight_decay=None,
+        decoupled_weight_decay=False,
+        weight_decay_mask=None,
+        accumulator_dtype=_check_dtype("accumulator_dtype", accumulator_dtype),
+    )

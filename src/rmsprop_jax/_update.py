@@ -1,0 +1,161 @@
+"""THE equations. One pure per-leaf function computes every RMSProp variant.
+
+Everything else in the package (tree plumbing, schedules, validation, state
+layout, presets) lives elsewhere and calls :func:`rms_leaf`. A reader can check
+this function line by line against the README's "Equations" section:
+
+    g  <- -g                                   if maximize
+    g  <- g + wd * p                           coupled weight decay (L2)
+    nu <- decay * nu + (1 - decay) * |g|^2     second moment
+    mu <- decay * mu + (1 - decay) * g         first moment     (centered)
+    nu^, mu^ <- nu / (1 - decay^t), mu / (1 - decay^t)          (bias_correction)
+    v  <- max(nu^ - |mu^|^2, 0)  if centered else nu^
+    d  <- sqrt(v + eps)          if eps_in_sqrt else sqrt(v) + eps
+    u  <- g / d
+    lr inside momentum  (optax, TF, Keras):   u <- -lr * u; b <- u + m * b
+    lr outside momentum (PyTorch):            b <- u + m * b;  u <- -lr * b
+      (the update is b, or u + m * b with nesterov)
+    u  <- u - lr * wd_decoupled * p            decoupled weight decay
+
+The arithmetic is done in at least float32 (bfloat16/float16 leaves are upcast
+and the results cast back), so low-precision inputs can neither divide by zero
+nor take the root of a negative number through rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Scalar = Any  # a Python number, or a 0-d (possibly traced) array
+
+
+@dataclass(frozen=True)
+class Flags:
+    """Static (trace-time) choices; each selects a branch of :func:`rms_leaf`."""
+
+    eps_in_sqrt: bool = True
+    centered: bool = False
+    momentum: bool = False  # whether a momentum buffer exists
+    nesterov: bool = False
+    bias_correction: bool = False
+    lr_in_momentum: bool = True
+    maximize: bool = False
+    scale_by_lr: bool = True  # False for scale_by_rms (preconditioner only)
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """Per-step hyperparameter values, shared by every leaf.
+
+    Python floats are kept as Python floats so that JAX's weak typing applies
+    exactly as it does in optax (this makes results bit-identical to optax in
+    float32); schedules and injected hyperparameters arrive as 0-d arrays.
+    """
+
+    lr: Scalar
+    decay: Scalar
+    one_minus_decay: Scalar
+    eps: Scalar
+    momentum: Scalar
+    coupled_wd: Scalar
+    decoupled_wd: Scalar
+    bias_correction: Scalar  # 1 - decay**t, or None
+
+
+def compute_dtype(*dtypes: Any) -> Any:
+    """The dtype the arithmetic runs in: at least float32, complex kept complex."""
+    return jnp.result_type(jnp.float32, *dtypes)
+
+
+def abs_sq(x: Array) -> Array:
+    """|x|^2, real for complex x."""
+    if jnp.iscomplexobj(x):
+        return (x.conj() * x).real
+    return x * x
+
+
+def rms_leaf(
+    flags: Flags,
+    s: Scalars,
+    g: Array,
+    p: Array | None,
+    nu: Array,
+    mu: Array | None,
+    trace: Array | None,
+    wd_on: bool | Array = True,
+) -> tuple[Array, Array, Array | None, Array | None]:
+    """One RMSProp step for one leaf.
+
+    Args:
+      flags: static options.
+      s: the step's scalar hyperparameters.
+      g: gradient. p: parameter (needed only with weight decay).
+      nu, mu, trace: second moment, first moment (centered), momentum buffer.
+      wd_on: the weight-decay mask for this leaf (a Python bool or a boolean array).
+
+    Returns:
+      ``(update, nu, mu, trace)``: the update in ``g``'s dtype and the new
+      accumulators in their own dtypes.
+    """
+    cd = compute_dtype(g.dtype, nu.dtype)
+    out_dtype = g.dtype
+    g = g.astype(cd)
+    if p is not None:
+        p = p.astype(cd)
+
+    if flags.maximize:
+        g = -g
+    if s.coupled_wd is not None and wd_on is not False:
+        g = g + _masked(wd_on, s.coupled_wd) * p
+
+    new_nu = s.one_minus_decay * abs_sq(g) + s.decay * nu.astype(abs_sq(g).dtype)
+    nu_hat = new_nu
+    new_mu = None
+    if flags.centered:
+        assert mu is not None
+        new_mu = s.one_minus_decay * g + s.decay * mu.astype(cd)
+        mu_hat = new_mu
+    if flags.bias_correction:
+        nu_hat = nu_hat / s.bias_correction
+        if flags.centered:
+            mu_hat = mu_hat / s.bias_correction
+    var = jnp.maximum(nu_hat - abs_sq(mu_hat), 0) if flags.centered else nu_hat
+
+    # The floor at the smallest normal number only matters when eps == 0 and
+    # v == 0 (then g == 0 too): it turns 0 * inf = NaN into 0.
+    tiny = jnp.finfo(var.dtype).tiny
+    if flags.eps_in_sqrt:
+        u = jax.lax.rsqrt(jnp.maximum(var + s.eps, tiny)) * g
+    else:
+        u = (1 / jnp.maximum(jnp.sqrt(var) + s.eps, tiny)) * g
+
+    new_trace = None
+    if flags.scale_by_lr and (flags.lr_in_momentum or not flags.momentum):
+        u = -s.lr * u
+    if flags.momentum:
+        assert trace is not None
+        new_trace = u + s.momentum * trace.astype(cd)
+        u = u + s.momentum * new_trace if flags.nesterov else new_trace
+        if flags.scale_by_lr and not flags.lr_in_momentum:
+            u = -s.lr * u
+    if s.decoupled_wd is not None and wd_on is not False:
+        u = u - s.lr * _masked(wd_on, s.decoupled_wd) * p
+
+    return (
+        u.astype(out_dtype),
+        new_nu.astype(nu.dtype),
+        None if new_mu is None else new_mu.astype(mu.dtype),  # type: ignore[union-attr]
+        None if new_trace is None else new_trace.astype(trace.dtype),  # type: ignore[union-attr]
+    )
+
+
+def _masked(wd_on: bool | Array, wd: Scalar) -> Scalar:
+    """Weight decay for a leaf: ``wd`` if the mask is a static True, else ``wd * mask``."""
+    if wd_on is True:
+        return wd
+    return jnp.where(wd_on, wd, 0)

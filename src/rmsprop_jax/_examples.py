@@ -117,7 +117,7 @@ def make_model(kind: str, seed: int = 0) -> nnx.Module:
 
 
 def _loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = model(x)  # type: ignore[operator]
+    logits = model(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
 
@@ -192,7 +192,10 @@ def fit(
     for epoch in range(epochs):
         start = time.perf_counter()
         perm = order.permutation(len(data.x_train))[: n_steps * batch_size].reshape(n_steps, batch_size)
-        losses = [_train_step(model, optimizer, data.x_train[idx], data.y_train[idx]) for idx in perm]
+        losses = [
+            _train_step(model, optimizer, jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx]))
+            for idx in perm
+        ]
         step_loss = np.asarray(jax.device_get(losses), dtype=np.float64)
         history.epoch_seconds.append(time.perf_counter() - start)
         history.step_loss.extend(step_loss.tolist())

@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise _missing(exc) from exc
 
     start = time.perf_counter()
-    data = _examples.digits()
+    data = _examples.digits(val_fraction=0.0)  # no model selection here: train on all non-test images
     print(
         f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, "
         f"{args.epochs} epochs of batch {args.batch_size}, seed {args.seed}"

@@ -77,8 +77,12 @@ def lr_schedule(lrs: np.ndarray):
     return lambda count: table[count]
 
 
-def run_jax(opt, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Trajectory ``out[leaf][t]`` (params after step t+1) of an optax optimizer, scanned under jit."""
+def run_jax(opt, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], state=None, return_state=False):
+    """Trajectory ``out[leaf][t]`` (params after step t+1) of an optax optimizer, scanned under jit.
+
+    ``state``: start from this optimizer state instead of ``opt.init(params)``;
+    ``return_state``: return ``(trajectory, final_state)``.
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -87,16 +91,19 @@ def run_jax(opt, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) ->
     gs = {k: jnp.asarray(v) for k, v in grads.items()}
 
     @jax.jit
-    def run(p, g_seq):
+    def run(p, s, g_seq):
         def step(carry, g):
             p, s = carry
             u, s = opt.update(g, s, p)
             p = optax.apply_updates(p, u)
             return (p, s), p
 
-        return jax.lax.scan(step, (p, opt.init(p)), g_seq)[1]
+        (_, s), traj = jax.lax.scan(step, (p, s), g_seq)
+        return traj, s
 
-    return {k: np.asarray(v) for k, v in run(p0, gs).items()}
+    traj, final = run(p0, opt.init(p0) if state is None else state, gs)
+    traj = {k: np.asarray(v) for k, v in traj.items()}
+    return (traj, final) if return_state else traj
 
 
 def run_reference(cfg, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

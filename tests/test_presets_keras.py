@@ -164,7 +164,8 @@ def test_mutations_fail_the_comparison():
         ({"rho": 1.0}, "rho=1.0"),
         ({"rho": -0.5}, "rho=-0.5"),
         ({"momentum": -0.1}, "momentum=-0.1"),
-        ({"epsilon": -1.0}, "eps=-1.0"),
+        ({"epsilon": -1.0}, "epsilon=-1.0"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
         ({"weight_decay": -0.1}, "weight_decay=-0.1"),
     ],
 )

@@ -170,7 +170,8 @@ def test_timm_tf_mutations_fail_the_comparison():
     [
         (presets.tensorflow_v1, {"learning_rate": 0.1, "decay": 1.0}, "decay=1.0"),
         (presets.tensorflow_v1, {"learning_rate": 0.1, "momentum": -0.5}, "momentum=-0.5"),
-        (presets.tensorflow_v1, {"learning_rate": 0.1, "epsilon": -1.0}, "eps=-1.0"),
+        (presets.tensorflow_v1, {"learning_rate": 0.1, "epsilon": -1.0}, "epsilon=-1.0"),
+        (presets.timm_tf, {"lr": -0.1}, "lr=-0.1"),
         (presets.timm_tf, {"alpha": 1.5}, "alpha=1.5"),
         (presets.timm_tf, {"weight_decay": -0.1}, "weight_decay=-0.1"),
     ],

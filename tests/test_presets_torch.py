@@ -151,7 +151,8 @@ def test_lr_schedule_is_what_separates_lr_placement():
         ({"momentum": 1.5}, "momentum=1.5"),
         ({"weight_decay": -1.0}, "weight_decay=-1.0"),
         ({"eps": -1.0}, "eps=-1.0"),
-        ({"lr": -1.0}, "learning_rate=-1.0"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"lr": float("nan")}, "lr=nan"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

@@ -50,6 +50,14 @@ def _number(name: str, value: Any, ok: Any, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}.")
 
 
+def _lr(name: str, lr: Any) -> None:
+    _number(name, lr, lambda v: v >= 0, f"{name} >= 0, or an optax schedule")
+
+
+def _eps(name: str, eps: Any) -> None:
+    _number(name, eps, lambda v: v >= 0, f"{name} >= 0")
+
+
 def _momentum_or_none(name: str, momentum: Any) -> Any:
     """The sources use ``momentum=0`` for "no buffer"; :func:`rmsprop` uses ``None``."""
     _number(name, momentum, lambda v: 0 <= v < 1, f"0 <= {name} < 1")
@@ -120,7 +128,9 @@ def pytorch(
     The implementation knobs ``foreach``, ``capturable`` and ``differentiable``
     change no numbers and have no counterpart here.
     """
+    _lr("lr", lr)
     _number("alpha", alpha, lambda v: 0 <= v < 1, "0 <= alpha < 1")
+    _eps("eps", eps)
     return rmsprop(
         lr,
         decay=alpha,
@@ -192,7 +202,9 @@ def keras(
     (``optax.clip_by_global_norm``, ``optax.ema``, ``optax.MultiSteps``); per-variable
     ``exclude_from_weight_decay`` is :func:`rmsprop`'s ``weight_decay_mask``.
     """
+    _lr("learning_rate", learning_rate)
     _number("rho", rho, lambda v: 0 <= v < 1, "0 <= rho < 1")
+    _eps("epsilon", epsilon)
     return rmsprop(
         learning_rate,
         decay=rho,
@@ -254,7 +266,9 @@ def tensorflow_v1(
       epsilon: added to the average under the root, >= 0.
       centered: divide by the root of the variance estimate.
     """
+    _lr("learning_rate", learning_rate)
     _number("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
+    _eps("epsilon", epsilon)
     return rmsprop(
         learning_rate,
         decay=decay,
@@ -325,7 +339,9 @@ def timm_tf(
     timm's ``caution`` (Cautious Optimizers) and ``corrected_weight_decay``
     options are not covered.
     """
+    _lr("lr", lr)
     _number("alpha", alpha, lambda v: 0 <= v < 1, "0 <= alpha < 1")
+    _eps("eps", eps)
     return rmsprop(
         lr,
         decay=alpha,
@@ -376,8 +392,10 @@ def graves_2013(
       momentum: beth, in [0, 1).
       eps: daleth, >= 0.
     """
+    _lr("learning_rate", learning_rate)
     _number("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
     _number("momentum", momentum, lambda v: 0 <= v < 1, "0 <= momentum < 1")
+    _eps("eps", eps)
     return rmsprop(
         learning_rate,
         decay=decay,
@@ -429,6 +447,7 @@ def dqn_2015(
         has one decay for both averages.
       min_squared_gradient: added under the root, >= 0.
     """
+    _lr("learning_rate", learning_rate)
     _number(
         "squared_gradient_momentum",
         squared_gradient_momentum,
@@ -483,5 +502,7 @@ def hinton_2012(
       decay: in [0, 1); 0.9 on the slide.
       eps: added under the root, >= 0; 0 on the slide.
     """
+    _lr("learning_rate", learning_rate)
     _number("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
+    _eps("eps", eps)
     return rmsprop(learning_rate, decay=decay, eps=eps, initial_scale=0.0, eps_in_sqrt=True)

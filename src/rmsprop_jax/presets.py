@@ -127,6 +127,13 @@ def pytorch(
 
     The implementation knobs ``foreach``, ``capturable`` and ``differentiable``
     change no numbers and have no counterpart here.
+
+    .. warning::
+      Complex parameters: PyTorch runs RMSprop on ``view_as_real`` views, so the
+      real and imaginary parts get separate accumulators; this preset (like
+      optax) uses one accumulator of :math:`|g|^2` per complex entry. To
+      reproduce PyTorch there, optimise the real and imaginary parts as separate
+      real leaves.
     """
     _lr("lr", lr)
     _number("alpha", alpha, lambda v: 0 <= v < 1, "0 <= alpha < 1")

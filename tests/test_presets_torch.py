@@ -152,6 +152,17 @@ def test_lr_schedule_is_what_separates_lr_placement():
     assert rel_err(a, b, PARAMS) <= TOL
 
 
+def test_works_with_inject_hyperparams():
+    """The presets are plain factories: optax.inject_hyperparams can make lr a state entry."""
+    import optax
+
+    kw = CASES["centered_momentum"]
+    opt = optax.inject_hyperparams(presets.pytorch, static_args=("momentum", "centered"))(lr=1e-2, **kw)
+    plain = presets.pytorch(lr=1e-2, **kw)
+    a, b = run_jax(opt, PARAMS, GRADS), run_jax(plain, PARAMS, GRADS)
+    assert rel_err(a, b, PARAMS) <= TOL
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

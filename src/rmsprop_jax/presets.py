@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import optax
 
 from rmsprop_jax._transform import ScalarOrSchedule, rmsprop
@@ -38,9 +39,14 @@ from rmsprop_jax._transform import ScalarOrSchedule, rmsprop
 __all__ = ["dqn_2015", "graves_2013", "hinton_2012", "keras", "pytorch", "tensorflow_v1", "timm_tf"]
 
 
+def _traced(value: Any) -> bool:
+    """Schedules and traced values (``optax.inject_hyperparams`` under jit) cannot be checked."""
+    return callable(value) or isinstance(value, jax.core.Tracer)
+
+
 def _number(name: str, value: Any, ok: Any, allowed: str) -> None:
-    """Validate a preset-specific scalar argument (schedules are passed through unchecked)."""
-    if callable(value):
+    """Validate a preset-specific scalar argument (schedules and traced values pass unchecked)."""
+    if _traced(value):
         return
     try:
         v = float(value)
@@ -61,14 +67,14 @@ def _eps(name: str, eps: Any) -> None:
 def _momentum_or_none(name: str, momentum: Any) -> Any:
     """The sources use ``momentum=0`` for "no buffer"; :func:`rmsprop` uses ``None``."""
     _number(name, momentum, lambda v: 0 <= v < 1, f"0 <= {name} < 1")
-    return None if float(momentum) == 0.0 else momentum
+    return None if not _traced(momentum) and float(momentum) == 0.0 else momentum
 
 
 def _weight_decay_or_none(name: str, weight_decay: Any) -> Any:
     if weight_decay is None:
         return None
     _number(name, weight_decay, lambda v: v >= 0, f"{name} >= 0 (or None)")
-    if not callable(weight_decay) and float(weight_decay) == 0.0:
+    if not _traced(weight_decay) and float(weight_decay) == 0.0:
         return None
     return weight_decay
 
@@ -462,7 +468,11 @@ def dqn_2015(
         "0 <= squared_gradient_momentum < 1",
     )
     _number("gradient_momentum", gradient_momentum, lambda v: 0 <= v < 1, "0 <= gradient_momentum < 1")
-    if float(gradient_momentum) != float(squared_gradient_momentum):
+    if (
+        not _traced(gradient_momentum)
+        and not _traced(squared_gradient_momentum)
+        and float(gradient_momentum) != float(squared_gradient_momentum)
+    ):
         raise ValueError(
             f"gradient_momentum={gradient_momentum!r} differs from "
             f"squared_gradient_momentum={squared_gradient_momentum!r}; allowed: equal values "

@@ -138,7 +138,12 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
     if isinstance(p, jax.core.Tracer):
         return jnp.full_like(p, value, dtype=dtype)
     # Concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same.
-    return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
+    # Single-device placement is left to JAX, so that init's output is not "committed" where
+    # the params were not (a committed/uncommitted mix makes the first jitted step compile twice).
+    sharding = getattr(p, "sharding", None)
+    if sharding is not None and len(sharding.device_set) == 1:
+        sharding = None
+    return jnp.full(p.shape, value, dtype, device=sharding)
 
 
 # --------------------------------------------------------------------------- update

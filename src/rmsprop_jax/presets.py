@@ -28,13 +28,12 @@ agree while the learning rate is constant and differ as soon as it changes.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import optax
 
-from rmsprop_jax._transform import ScalarOrSchedule, rmsprop
+from rmsprop_jax._transform import ScalarOrSchedule, _check, rmsprop
 
 __all__ = ["dqn_2015", "graves_2013", "hinton_2012", "keras", "pytorch", "tensorflow_v1", "timm_tf"]
 
@@ -44,16 +43,8 @@ def _traced(value: Any) -> bool:
     return callable(value) or isinstance(value, jax.core.Tracer)
 
 
-def _number(name: str, value: Any, ok: Any, allowed: str) -> None:
-    """Validate a preset-specific scalar argument (schedules and traced values pass unchecked)."""
-    if _traced(value):
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number; allowed: {allowed}.") from None
-    if not (math.isfinite(v) and ok(v)):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}.")
+# Preset-specific arguments are validated by rmsprop()'s own checker, under the source's names.
+_number = _check
 
 
 def _lr(name: str, lr: Any) -> None:

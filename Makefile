@@ -22,8 +22,8 @@ demo: $(VENV)/.examples
 	$(BIN)/python -m rmsprop_jax.demo $(ARGS)
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest $(ARGS)

@@ -80,6 +80,7 @@ class ReferenceRMSProp:
             ms = ms / (1 - rho**self.t)
             mg = mg / (1 - rho**self.t)
         var = ms - np.abs(mg) ** 2 if c.centered else ms
+        var = np.maximum(var, 0.0)  # a variance: >= 0 in exact arithmetic, so rounding may not push it below
         if c.eps_in_sqrt:
             step = e / np.sqrt(var + c.eps)
         else:

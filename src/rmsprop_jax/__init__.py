@@ -4,8 +4,9 @@ The public API is this module's ``__all__``; everything in ``_``-prefixed
 modules is private.
 """
 
+from rmsprop_jax import interop, presets
 from rmsprop_jax._transform import RmsPropState, rmsprop, scale_by_rms
 
 __version__ = "0.1.0"
 
-__all__ = ["RmsPropState", "__version__", "rmsprop", "scale_by_rms"]
+__all__ = ["RmsPropState", "__version__", "interop", "presets", "rmsprop", "scale_by_rms"]

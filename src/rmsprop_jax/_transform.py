@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,8 @@ import optax
 
 from rmsprop_jax._update import Flags, Scalars, rms_leaf
 
-ScalarOrSchedule = float | jax.Array | optax.Schedule
-MaskOrFn = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a pytree
+ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
+MaskOrFn: TypeAlias = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a pytree
 
 
 class RmsPropState(NamedTuple):
@@ -138,7 +138,12 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
     if isinstance(p, jax.core.Tracer):
         return jnp.full_like(p, value, dtype=dtype)
     # Concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same.
-    return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
+    # Single-device placement is left to JAX, so that init's output is not "committed" where
+    # the params were not (a committed/uncommitted mix makes the first jitted step compile twice).
+    sharding = getattr(p, "sharding", None)
+    if sharding is not None and len(sharding.device_set) == 1:
+        sharding = None
+    return jnp.full(p.shape, value, dtype, device=sharding)
 
 
 # --------------------------------------------------------------------------- update
@@ -305,7 +310,7 @@ def rmsprop(
       decay: :math:`\rho`, in [0, 1).
       eps: :math:`\epsilon \ge 0`, added inside or outside the square root.
       initial_scale: :math:`\nu_0 \ge 0` (TensorFlow 1 uses 1.0).
-      eps_in_sqrt: where eps sits: inside the root (optax, TF1) or outside (PyTorch, Keras).
+      eps_in_sqrt: where eps sits: inside the root (optax, TF1, Keras 3, timm) or outside (PyTorch).
       centered: divide by the root of the variance estimate (Graves, 2013).
       momentum: :math:`m` in [0, 1), or ``None`` for no momentum buffer.
       nesterov: Nesterov momentum; requires ``momentum``.

@@ -19,7 +19,7 @@ thing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -166,6 +166,7 @@ def fit(
     batch_size: int = 32,
     seed: int = 0,
     eval_on: str = "test",
+    hyperparams: Mapping[str, float] | None = None,
     on_epoch: Callable[[int, nnx.Module, nnx.Optimizer, History], Any] | None = None,
 ) -> tuple[nnx.Module, nnx.Optimizer, History]:
     """Train ``model`` with ``tx`` for ``epochs`` passes over ``data``'s training split.
@@ -175,6 +176,11 @@ def fit(
     After each epoch the model is evaluated on ``eval_on`` (``"test"`` or
     ``"val"``; stored as ``test_*`` in the history) and ``on_epoch(epoch,
     model, optimizer, history)`` is called if given.
+
+    ``hyperparams`` sets values in the state of an ``optax.inject_hyperparams``
+    transformation before training (e.g. ``{"learning_rate": 3e-3}``). Reusing
+    one such ``tx`` for a learning-rate sweep reuses one compiled train step,
+    where a fresh ``tx`` per value would compile again for every value.
 
     Returns the trained model, its ``nnx.Optimizer`` and the :class:`History`.
     """
@@ -186,6 +192,17 @@ def fit(
         raise ValueError(f"eval_on={eval_on!r} is invalid; allowed: 'test', 'val'.")
     x_eval, y_eval = (data.x_test, data.y_test) if eval_on == "test" else (data.x_val, data.y_val)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if hyperparams:
+        injected = getattr(optimizer.opt_state, "hyperparams", None)
+        if injected is None:
+            raise ValueError(
+                f"hyperparams={dict(hyperparams)!r} needs a tx made with optax.inject_hyperparams; "
+                f"got state {type(optimizer.opt_state).__name__}."
+            )
+        for name, value in hyperparams.items():
+            if name not in injected:
+                raise ValueError(f"hyperparams: {name!r} is not injected; allowed: {sorted(injected)}.")
+            injected[name][...] = value
     order = np.random.default_rng(seed)
     n_steps = len(data.x_train) // batch_size
     history = History()

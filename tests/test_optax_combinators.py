@@ -220,27 +220,14 @@ def test_inject_hyperparams_changes_the_learning_rate_at_runtime_without_retraci
     assert len(traces) == 1
 
 
-# rmsprop_jax's init commits the accumulators to a device (jnp.full(..., device=p.sharding)) while
-# optax's stay uncommitted like the params; the first step's outputs are then all committed, so the
-# second call (and every call after a fresh jnp.asarray hyperparameter) hits a new XLA executable
-# (no retrace, but a compile). optax.rmsprop compiles once. Fix in _transform._full_like_param:
-# use jnp.full_like(p, value, dtype=dtype) for concrete arrays.
-_INIT_COMMITS = bool(rmsprop_jax.rmsprop(0.1).init(jnp.ones(2)).nu.committed)
-
-
-@pytest.mark.xfail(
-    _INIT_COMMITS,
-    strict=True,
-    reason="init() commits accumulators to a device while params/hyperparams are uncommitted: "
-    "one extra XLA compile per committedness pattern (see _transform._full_like_param)",
-)
 def test_inject_hyperparams_loop_compiles_once_like_optax() -> None:
+    """One XLA compile for the whole loop, not one per committed/uncommitted mix of state arrays."""
     step, _ = _injected_loop(LRS)
     assert step._cache_size() == 1
 
 
 def test_optax_rmsprop_inject_hyperparams_loop_compiles_once() -> None:
-    """The baseline the xfail above refers to: the same loop with optax.rmsprop compiles once."""
+    """The baseline: the same loop with optax.rmsprop compiles once."""
     tx = optax.inject_hyperparams(optax.rmsprop)(learning_rate=1e-2, decay=0.9)
     params = _params()
     state = tx.init(params)

@@ -26,7 +26,8 @@ lint: $(VENV)/.test
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/mypy
+	$(BIN)/python -m pytest --doctest-modules --nbmake src/rmsprop_jax tests notebooks $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ class RmsPropState(NamedTuple):
       trace: momentum buffer (``momentum`` not ``None``), else ``None``.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
     nu: optax.Updates
     mu: optax.Updates | None
     trace: optax.Updates | None
@@ -127,9 +127,9 @@ def _init_state(
             traces.append(_full_like_param(p, 0, acc_dt))
     return RmsPropState(
         count=jnp.zeros([], jnp.int32),
-        nu=treedef.unflatten(nus),
-        mu=treedef.unflatten(mus) if centered else None,
-        trace=treedef.unflatten(traces) if momentum else None,
+        nu=jax.tree.unflatten(treedef, nus),
+        mu=jax.tree.unflatten(treedef, mus) if centered else None,
+        trace=jax.tree.unflatten(treedef, traces) if momentum else None,
     )
 
 
@@ -150,7 +150,7 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 
 
 def _check_structure(grads: Any, state: RmsPropState) -> jax.tree_util.PyTreeDef:
-    treedef = jax.tree.structure(grads)
+    treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
     nu_def = jax.tree.structure(state.nu)
     if treedef != nu_def:
         raise ValueError(
@@ -219,7 +219,7 @@ def _make(
                 f"weight_decay={weight_decay!r} needs the parameters: call update(grads, state, params)."
             )
         count = state.count
-        count_inc = optax.safe_increment(count)
+        count_inc = cast(jax.Array, optax.safe_increment(count))
         wd = _value(weight_decay, count)
         scalars = Scalars(
             lr=_value(learning_rate, count),

@@ -151,15 +151,16 @@ def plot(data: dict[str, Any], path: Path) -> None:
         bound = [g["bound_ms"] for g in groups]
         ax.bar(x + len(IMPLS_PLOTTED) * width, bound, width, label="bandwidth bound", color="0.8", hatch="//")
         ax.set_xticks(x + 0.4 - width / 2)
-        ax.set_xticklabels([g["workload_description"] for g in groups], rotation=15, fontsize=8)
+        ax.set_xticklabels([g["workload_description"].replace(", ", "\n", 1) for g in groups], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("step time, ms (median, p25–p75)")
         ax.set_title(cfg)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     m = data["machine"]
     fig.suptitle(f"RMSProp step: {m['cpu_model']} ({m['cpu_cores']} cores), {m['platform']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -188,6 +188,16 @@ def test_eager_update_equals_jitted_reference() -> None:
     _assert_bitwise(eager, jitted)
 
 
+def test_eager_equals_jit_where_op_by_op_would_not() -> None:
+    """Centered with |g|^2 beyond float32: op by op gives NaN, XLA's fused code 0 (optax too).
+
+    Eager updates run the compiled leaf function, so they equal the jitted ones here as well.
+    """
+    opt = rmsprop_jax.rmsprop(1e-3, centered=True)
+    g, state = jnp.asarray([1e21, -1e21]), opt.init(jnp.zeros(2))
+    _assert_bitwise(opt.update(g, state), jax.jit(opt.update)(g, state))
+
+
 def test_wrong_executor_fails_the_comparison() -> None:
     """Mutation check: an executor that ignores static weight-decay masks must be caught."""
 

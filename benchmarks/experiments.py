@@ -102,7 +102,9 @@ def executors(leaves: int, size: int, steps: int, skip_grouped: bool) -> None:
             t2 = time.perf_counter()
         finally:
             _transform.apply_leaves = saved
-        kernels = sum(" fusion(" in line for line in compiled.as_text().split("ENTRY")[-1].splitlines())
+        kernels = sum(
+            " fusion(" in line for line in (compiled.as_text() or "").split("ENTRY")[-1].splitlines()
+        )
         first = compiled(jax.tree.map(jnp.copy, params), opt.init(params), grads)[0]
         return {
             "c": compiled,
@@ -125,7 +127,7 @@ def executors(leaves: int, size: int, steps: int, skip_grouped: bool) -> None:
             flat_g = jnp.concatenate([x.reshape(-1) for x in leaves])
             u, nu, _, _ = rms_leaf(flags, scalars, flat_g, None, nu, None, None)
             us = [u[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
-            return optax.apply_updates(p, treedef.unflatten(us)), nu
+            return optax.apply_updates(p, jax.tree.unflatten(treedef, us)), nu
 
         p0, s0 = jax.tree.map(jnp.copy, params), jnp.zeros(int(offsets[-1]), jnp.float32)
         t0 = time.perf_counter()
@@ -133,7 +135,9 @@ def executors(leaves: int, size: int, steps: int, skip_grouped: bool) -> None:
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
-        kernels = sum(" fusion(" in line for line in compiled.as_text().split("ENTRY")[-1].splitlines())
+        kernels = sum(
+            " fusion(" in line for line in (compiled.as_text() or "").split("ENTRY")[-1].splitlines()
+        )
         first = compiled(jax.tree.map(jnp.copy, params), jnp.zeros_like(s0), grads)[0]
         return {
             "c": compiled,

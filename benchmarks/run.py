@@ -29,7 +29,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,7 @@ def _torch_device() -> str | None:
 
 
 def interleave(
-    cases: dict[str, Timer], rounds: int, per_round: int, warmup: int = 2
+    cases: Mapping[str, Timer], rounds: int, per_round: int, warmup: int = 2
 ) -> dict[str, list[float]]:
     """Run every case ``warmup`` times, then ``rounds`` rounds of ``per_round`` steps each,
     rotating the order each round so that no case always runs first."""

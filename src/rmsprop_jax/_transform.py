@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax._update import Flags, Scalars, rms_leaf
+from rmsprop_jax._executor import apply_leaves
+from rmsprop_jax._update import Flags, Scalars
 
 ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
 MaskOrFn: TypeAlias = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a pytree
@@ -239,7 +240,8 @@ def _make(
         ps = treedef.flatten_up_to(params) if weight_decay is not None else [None] * n
         masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
 
-        outs = [rms_leaf(flags, scalars, *leaf) for leaf in zip(gs, ps, nus, mus, trs, masks, strict=True)]
+        # rms_leaf on every leaf, traced once per distinct leaf signature (see _executor).
+        outs = apply_leaves(flags, scalars, gs, ps, nus, mus, trs, masks)
         cols = list(zip(*outs, strict=True)) or [()] * 4
         new_updates, new_nu, new_mu, new_trace = (treedef.unflatten(c) for c in cols)
         return new_updates, RmsPropState(

@@ -1,0 +1,231 @@
+"""The alternatives tried for the update executor and the arithmetic form (see README.md).
+
+    python -m benchmarks.experiments executors [--leaves 2000 --size 64]
+    python -m benchmarks.experiments arithmetic [--size 16777216]
+
+``executors``: the same optimizer step (plain RMSProp + apply_updates, donated)
+on ``leaves`` x ``size`` float32 leaves with each executor; prints lowering,
+compile and step times, the number of XLA kernels and whether the result is
+bit-identical to the per-leaf loop. ``arithmetic``: forms of ``g / sqrt(v + eps)``
+on one large leaf. Measurements are interleaved; on a shared machine repeat them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    _root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(_root), str(_root / "src")]
+else:
+    try:
+        import rmsprop_jax
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rmsprop_jax
+from rmsprop_jax import _executor, _transform
+from rmsprop_jax._update import rms_leaf
+
+
+def grouped_concat(
+    flags: Any, scalars: Any, gs: Any, ps: Any, nus: Any, mus: Any, trs: Any, masks: Any
+) -> Any:
+    """Concatenate leaves with equal dtypes and a static mask into one flat buffer, update, split."""
+    groups: dict[Any, list[int]] = {}
+    for i, (g, p, nu, mu, tr, m) in enumerate(zip(gs, ps, nus, mus, trs, masks, strict=True)):
+        dtypes = tuple(None if a is None else a.dtype for a in (g, p, nu, mu, tr))
+        key = (*dtypes, m if isinstance(m, bool) else i)
+        groups.setdefault(key, []).append(i)
+    outs: list[Any] = [None] * len(gs)
+    for idx in groups.values():
+
+        def cat(xs: Any, idx: list[int] = idx) -> Any:
+            return None if xs[idx[0]] is None else jnp.concatenate([xs[i].reshape(-1) for i in idx])
+
+        flat = rms_leaf(flags, scalars, cat(gs), cat(ps), cat(nus), cat(mus), cat(trs), masks[idx[0]])
+        offsets = np.cumsum([0] + [gs[i].size for i in idx])
+        for j, i in enumerate(idx):
+            outs[i] = tuple(
+                None if x is None else x[offsets[j] : offsets[j + 1]].reshape(gs[i].shape) for x in flat
+            )
+    return outs
+
+
+EXECUTORS: dict[str, Callable[..., Any]] = {
+    "per_leaf_loop (op-by-op trace)": _executor.apply_leaves_reference,
+    "nested_jit (default)": _executor.apply_leaves,
+    "grouped_concat": grouped_concat,
+}
+
+
+def _time(fn: Callable[[], Any], n: int) -> list[float]:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def executors(leaves: int, size: int, steps: int, skip_grouped: bool) -> None:
+    params = {f"p{i}": jnp.full((size,), 1.0 + i * 1e-3, jnp.float32) for i in range(leaves)}
+    grads = jax.tree.map(lambda x: x * 0.01, params)
+
+    def build(name: str) -> Any:
+        saved = _transform.apply_leaves
+        if name in EXECUTORS:
+            _transform.apply_leaves = EXECUTORS[name]
+        try:
+            opt = optax.rmsprop(1e-3) if name == "optax" else rmsprop_jax.rmsprop(1e-3)
+
+            def step(p: Any, s: Any, g: Any) -> Any:
+                u, s = opt.update(g, s, p)
+                return optax.apply_updates(p, u), s
+
+            p0 = jax.tree.map(jnp.copy, params)
+            s0 = opt.init(p0)
+            t0 = time.perf_counter()
+            lowered = jax.jit(step, donate_argnums=(0, 1)).lower(p0, s0, grads)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+        finally:
+            _transform.apply_leaves = saved
+        kernels = sum(
+            " fusion(" in line for line in (compiled.as_text() or "").split("ENTRY")[-1].splitlines()
+        )
+        first = compiled(jax.tree.map(jnp.copy, params), opt.init(params), grads)[0]
+        return {
+            "c": compiled,
+            "p": p0,
+            "s": s0,
+            "lower": t1 - t0,
+            "compile": t2 - t1,
+            "k": kernels,
+            "out": first,
+        }
+
+    def build_flat_state() -> Any:
+        """The flat accumulator layout, simulated outside the optax API: nu is one flat buffer."""
+        flags, sizes = _transform.Flags(), [x.size for x in jax.tree.leaves(params)]
+        offsets = np.cumsum([0, *sizes])
+        scalars = _transform.Scalars(1e-3, 0.9, 1 - 0.9, 1e-8, None, None, None, None)
+
+        def step(p: Any, nu: Any, g: Any) -> Any:
+            leaves, treedef = jax.tree.flatten(g)
+            flat_g = jnp.concatenate([x.reshape(-1) for x in leaves])
+            u, nu, _, _ = rms_leaf(flags, scalars, flat_g, None, nu, None, None)
+            us = [u[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
+            return optax.apply_updates(p, jax.tree.unflatten(treedef, us)), nu
+
+        p0, s0 = jax.tree.map(jnp.copy, params), jnp.zeros(int(offsets[-1]), jnp.float32)
+        t0 = time.perf_counter()
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(p0, s0, grads)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        kernels = sum(
+            " fusion(" in line for line in (compiled.as_text() or "").split("ENTRY")[-1].splitlines()
+        )
+        first = compiled(jax.tree.map(jnp.copy, params), jnp.zeros_like(s0), grads)[0]
+        return {
+            "c": compiled,
+            "p": p0,
+            "s": s0,
+            "lower": t1 - t0,
+            "compile": t2 - t1,
+            "k": kernels,
+            "out": first,
+        }
+
+    names = [n for n in EXECUTORS if not (skip_grouped and n == "grouped_concat")]
+    cases = {name: build(name) for name in [*names, "optax"]}
+    cases["flat_nu_layout (simulated)"] = build_flat_state()
+    ref = cases["per_leaf_loop (op-by-op trace)"]["out"]
+    times: dict[str, list[float]] = {n: [] for n in cases}
+    for r in range(steps):
+        for name in list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]:
+            c = cases[name]
+
+            def run(c: dict[str, Any] = c) -> Any:
+                c["p"], c["s"] = c["c"](c["p"], c["s"], grads)
+                return c["p"]
+
+            times[name] += _time(run, 3)
+    print(f"{leaves} leaves x {size}: lower s, compile s, step ms (median), kernels, bit-identical to loop")
+    for name, c in cases.items():
+        same = all(
+            bool(jnp.array_equal(a, b))
+            for a, b in zip(jax.tree.leaves(c["out"]), jax.tree.leaves(ref), strict=True)
+        )
+        print(
+            f"  {name:32s} {c['lower']:6.2f} {c['compile']:7.2f} {np.median(times[name]) * 1e3:8.2f} "
+            f"{c['k']:6d}  {same}"
+        )
+
+
+ARITHMETIC: dict[str, Callable[[Any, Any], Any]] = {
+    "rsqrt(max(v+eps, tiny))*g (rms_leaf)": lambda v, g: (
+        jax.lax.rsqrt(jnp.maximum(v + 1e-8, 1.1754944e-38)) * g
+    ),
+    "rsqrt(v+eps)*g (optax)": lambda v, g: jax.lax.rsqrt(v + 1e-8) * g,
+    "g/sqrt(v+eps)": lambda v, g: g / jnp.sqrt(v + 1e-8),
+    "g*(1/sqrt(v+eps))": lambda v, g: g * (1 / jnp.sqrt(v + 1e-8)),
+}
+
+
+def arithmetic(size: int, steps: int) -> None:
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.standard_normal(size, dtype=np.float32) * 0.01)
+
+    def make(form: Callable[[Any, Any], Any]) -> Any:
+        def step(p: Any, nu: Any, g: Any) -> Any:
+            nu = 0.9 * nu + 0.1 * g * g
+            return p + -1e-3 * form(nu, g), nu
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    cases = {k: [make(f), jnp.ones(size), jnp.zeros(size)] for k, f in ARITHMETIC.items()}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(steps):
+        for name in list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]:
+            c = cases[name]
+
+            def run(c: list[Any] = c) -> Any:
+                c[1], c[2] = c[0](c[1], c[2], g)
+                return c[1]
+
+            times[name] += _time(run, 3)
+    print(f"one leaf x {size}, plain step donated: median ms (p25-p75)")
+    for name, ts in times.items():
+        a = np.asarray(ts[2:]) * 1e3
+        print(f"  {name:40s} {np.median(a):7.2f} ({np.percentile(a, 25):.2f}-{np.percentile(a, 75):.2f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments")
+    ap.add_argument("what", choices=["executors", "arithmetic"])
+    ap.add_argument("--leaves", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--skip-grouped", action="store_true", help="grouped_concat compiles for minutes at 2000")
+    args = ap.parse_args()
+    if args.what == "executors":
+        executors(args.leaves, args.size or 64, args.rounds, args.skip_grouped)
+    else:
+        arithmetic(args.size or 1 << 24, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The benchmark suite's quick mode runs end to end and writes well-formed outputs.
+
+No timing is asserted: only that every figure the suite promises is there, finite
+and consistent with itself, so the suite cannot rot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_json_is_complete(quick_run: Path) -> None:
+    data = json.loads((quick_run / "results.json").read_text())
+    assert data["quick"] is True
+    assert {"platform", "cpu_model", "cpu_cores", "jax", "optax"} <= set(data["machine"])
+    workloads = {g["workload"] for g in data["groups"]}
+    assert workloads == {"large_leaf", "leaves_512", "leaves_2000", "transformer"}
+    assert {g["config"] for g in data["groups"]} == {"plain", "centered_momentum_wd"}
+    assert len(data["groups"]) == 8
+    for g in data["groups"]:
+        impls = g["impls"]
+        for key in ("rmsprop_jax/donated", "optax/donated", "rmsprop_jax/not_donated", "optax/not_donated"):
+            st = impls[key]
+            assert 0 < st["p25_ms"] <= st["median_ms"] <= st["p75_ms"], (g["workload"], key, st)
+            assert st["n"] == data["settings"]["rounds"] * data["settings"]["steps_per_round"]
+            assert st["compile_s"] > 0 and st["lower_s"] > 0
+            assert st["temp_bytes"] is None or st["temp_bytes"] >= 0
+            assert math.isfinite(st["gbps"]) and 0 < st["fraction_of_bound"]
+        # State: nu (+ mu and trace for the centered momentum config), float32.
+        expected_state = 4 if g["config"] == "plain" else 12
+        assert impls["optax/donated"]["state_bytes_per_param"] == pytest.approx(expected_state)
+        assert impls["rmsprop_jax/donated"]["state_bytes_per_param"] == pytest.approx(
+            expected_state, rel=1e-2
+        )
+        assert g["triad"]["flat"]["gbps"] > 0 and g["bound_ms"] > 0
+        assert g["ratios"]["donated_vs_optax"] > 0 and g["ratios"]["compile_donated_vs_optax"] > 0
+        assert g["numerics_vs_optax"]["bit_identical"], g["numerics_vs_optax"]
+        if g["num_leaves"] > 1:
+            assert "rmsprop_jax/one_leaf_same_size" in impls
+    transformer = next(g for g in data["groups"] if g["workload"] == "transformer")
+    assert transformer["num_leaves"] > 10
+    ts = data["training_step"]
+    assert {"two_jits", "one_jit", "one_jit_donated"} <= set(ts["variants"])
+
+
+@pytest.mark.slow
+def test_quick_markdown_and_plot(quick_run: Path) -> None:
+    md = (quick_run / "results.md").read_text()
+    assert "| workload | config | rmsprop_jax donated |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 3 * (8 + 1)  # three tables of 8 groups, each with its header
+    assert "nan" not in md.lower()
+    png = (quick_run / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/run.py",
+            "--render",
+            str(quick_run / "results.json"),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text() == (quick_run / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 10_000

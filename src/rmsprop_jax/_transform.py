@@ -134,11 +134,29 @@ def _init_state(
 
 
 def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
-    """An accumulator for parameter ``p``; works on arrays and ``jax.ShapeDtypeStruct``."""
-    if isinstance(p, jax.core.Tracer):
+    """An accumulator for parameter ``p``, placed (sharded) like ``p``.
+
+    Works on concrete arrays, ``jax.ShapeDtypeStruct`` and tracers:
+
+    * concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same;
+    * under ``jit`` with an Explicit mesh the tracer's type carries the sharding, and
+      ``full_like`` follows it;
+    * under ``jit`` with Auto axes (or no mesh) the tracer knows no sharding, and a constant
+      fill would be placed by XLA on its own (replicated, or on one device). The accumulator
+      is made to depend element-wise on ``p`` so that XLA's sharding propagation gives it
+      ``p``'s sharding. ``where(isfinite(p), p, 0) * 0`` is exactly zero (never NaN, even for
+      non-finite ``p``), so the values equal a plain fill bit for bit.
+    """
+    if not isinstance(p, jax.core.Tracer):
+        return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
+    sharding = getattr(p.aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and not mesh.empty and mesh.are_all_axes_explicit:
         return jnp.full_like(p, value, dtype=dtype)
-    # Concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same.
-    return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
+    zero = jnp.where(jnp.isfinite(p), p, 0) * 0
+    if jnp.iscomplexobj(zero) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        zero = zero.real
+    return zero.astype(dtype) + jnp.asarray(value).astype(dtype)
 
 
 # --------------------------------------------------------------------------- update

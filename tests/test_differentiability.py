@@ -66,7 +66,7 @@ def test_grad_wrt_lr_decay_momentum_matches_central_differences_float64(name):
             dn[i] = point[i] - h
             fd = (float(f(*up)) - float(f(*dn))) / (2 * h)
             assert np.isfinite(float(g)) and float(g) != 0.0
-            np.testing.assert_allclose(float(g), fd, rtol=1e-6, atol=1e-9, err_msg=f"{name} arg {i}")
+            np.testing.assert_allclose(float(g), fd, rtol=1e-8, atol=1e-12, err_msg=f"{name} arg {i}")
 
 
 def test_finite_difference_check_can_fail():

@@ -82,3 +82,48 @@ def test_contrast_optax_init_in_auto_mode_is_not_sharded_like_params(report):
     # device in Auto mode. If a later optax fixes that, drop this contrast.
     for entry in report["optax_contrast"]:
         assert not any(entry["nu_matches_param"].values()), (report["optax"], entry)
+
+
+# --------------------------------------------------------------------------- in-process, one device
+
+
+@pytest.mark.parametrize("initial_scale", [0.0, 0.1, 1.0])
+def test_jit_init_equals_eager_init_bit_for_bit_even_for_non_finite_params(initial_scale):
+    # _full_like_param makes the accumulators depend on the params under jit (so that XLA
+    # places them alike): that must not leak NaN/inf, -0.0 or rounding into the values.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import rmsprop_jax
+
+    special = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, -3.0, 3e38]
+    params = {
+        "f32": jnp.asarray(special, jnp.float32),
+        "bf16": jnp.asarray(special, jnp.bfloat16),
+        "f16": jnp.asarray(special, jnp.float16),
+        "c64": jnp.asarray(special, jnp.float32) * (1 + 1j),
+        "scalar": jnp.asarray(np.nan, jnp.float32),
+        "empty": jnp.zeros((0, 3)),
+    }
+    for acc in (None, jnp.float32, jnp.bfloat16):
+        opt = rmsprop_jax.rmsprop(
+            0.1, initial_scale=initial_scale, centered=True, momentum=0.9, accumulator_dtype=acc
+        )
+        eager, jitted = opt.init(params), jax.jit(opt.init)(params)
+        traced_scale = jax.jit(
+            lambda p, s, acc=acc: rmsprop_jax.rmsprop(
+                0.1, initial_scale=s, centered=True, momentum=0.9, accumulator_dtype=acc
+            ).init(p)
+        )(params, initial_scale)
+        for a, b, c in zip(
+            jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(traced_scale), strict=True
+        ):
+            assert a.dtype == b.dtype == c.dtype and a.shape == b.shape == c.shape
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes() == np.asarray(c).tobytes(), (
+                acc,
+                a,
+                b,
+                c,
+            )
+        assert eager.nu["c64"].dtype == (jnp.float32 if acc is None else jnp.dtype(acc))

@@ -144,8 +144,8 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
     * under ``jit`` with Auto axes (or no mesh) the tracer knows no sharding, and a constant
       fill would be placed by XLA on its own (replicated, or on one device). The accumulator
       is made to depend element-wise on ``p`` so that XLA's sharding propagation gives it
-      ``p``'s sharding. ``where(isfinite(p), p, 0) * 0`` is exactly zero (never NaN, even for
-      non-finite ``p``), so the values equal a plain fill bit for bit.
+      ``p``'s sharding. ``where(isfinite(|p|), |p|, 0) * 0`` is exactly +0.0 (never NaN or
+      -0.0, whatever ``p`` holds), so the values equal a plain fill bit for bit.
     """
     if not isinstance(p, jax.core.Tracer):
         return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
@@ -153,9 +153,8 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
     mesh = getattr(sharding, "mesh", None)
     if mesh is not None and not mesh.empty and mesh.are_all_axes_explicit:
         return jnp.full_like(p, value, dtype=dtype)
-    zero = jnp.where(jnp.isfinite(p), p, 0) * 0
-    if jnp.iscomplexobj(zero) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        zero = zero.real
+    magnitude = jnp.abs(p)  # real, >= 0: the product below is +0.0, never -0.0
+    zero = jnp.where(jnp.isfinite(magnitude), magnitude, 0) * 0
     return zero.astype(dtype) + jnp.asarray(value).astype(dtype)
 
 

@@ -136,23 +136,17 @@ def _init_state(
 def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
     """An accumulator for parameter ``p``, placed (sharded) like ``p``.
 
-    Works on concrete arrays, ``jax.ShapeDtypeStruct`` and tracers:
-
-    * concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same;
-    * under ``jit`` with an Explicit mesh the tracer's type carries the sharding, and
-      ``full_like`` follows it;
-    * under ``jit`` with Auto axes (or no mesh) the tracer knows no sharding, and a constant
-      fill would be placed by XLA on its own (replicated, or on one device). The accumulator
-      is made to depend element-wise on ``p`` so that XLA's sharding propagation gives it
-      ``p``'s sharding. ``where(isfinite(|p|), |p|, 0) * 0`` is exactly +0.0 (never NaN or
-      -0.0, whatever ``p`` holds), so the values equal a plain fill bit for bit.
+    Concrete arrays and ``jax.ShapeDtypeStruct`` carry a sharding: the accumulator
+    gets the same. Under ``jit`` a tracer carries none in ``AxisType.Auto`` meshes (nor
+    without a mesh), and a constant fill would be placed by XLA on its own: replicated,
+    or on one device, as optax's accumulators are. So the fill is made to depend
+    element-wise on ``p`` and XLA's sharding propagation gives it ``p``'s sharding. In
+    ``AxisType.Explicit`` meshes this also works without a ``jax.set_mesh`` context,
+    where ``jnp.full_like`` fails. ``where(isfinite(|p|), |p|, 0) * 0`` is exactly +0.0
+    (never NaN or -0.0, whatever ``p`` holds), so the values equal a plain fill bit for bit.
     """
     if not isinstance(p, jax.core.Tracer):
         return jnp.full(p.shape, value, dtype, device=getattr(p, "sharding", None))
-    sharding = getattr(p.aval, "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and not mesh.empty and mesh.are_all_axes_explicit:
-        return jnp.full_like(p, value, dtype=dtype)
     magnitude = jnp.abs(p)  # real, >= 0: the product below is +0.0, never -0.0
     zero = jnp.where(jnp.isfinite(magnitude), magnitude, 0) * 0
     return zero.astype(dtype) + jnp.asarray(value).astype(dtype)

@@ -221,11 +221,11 @@ def test_integer_or_boolean_gradient_is_rejected(grad):
 
 
 COMPLEX_GRAD_BUG = (
-    "BUG (update path): a complex gradient on a real parameter is accepted and gives a complex "
-    "update for a real parameter (optax.apply_updates then drops the imaginary part with a "
-    "ComplexWarning). Fix: in _check_structure, raise TypeError naming the leaf when the "
-    "gradient is complex and the state's nu came from a real parameter (e.g. record "
-    "param complexness in the state, or compare with state.mu/trace dtypes)."
+    "GAP (update path, optax does the same): a complex gradient on a real parameter is accepted "
+    "and gives a complex update for a real parameter (optax.apply_updates then drops the "
+    "imaginary part with a ComplexWarning). The state cannot tell (nu is real for both). Fix: "
+    "in update_fn, when params are given, raise TypeError naming the leaf if a gradient is "
+    "complex and its parameter is real (or record the parameters' complexness at init)."
 )
 
 

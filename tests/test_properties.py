@@ -47,7 +47,10 @@ def configs(draw, *, weight_decay: bool = True, low_precision: bool = False) -> 
     # its round-off there.
     decay = draw(st.floats(0.0, 0.99 if low_precision else 0.999))
     if centered:
-        eps = draw(st.sampled_from([1e-2, 1e-1] if low_precision else [1e-6, 1e-4, 1e-2]))
+        # At the first bias-corrected step the variance is pure round-off (~1e-16 |g|^2 in
+        # float64), so eps must be >> 1e-7 for a 1e-9 comparison there.
+        small = [1e-4, 1e-2] if bias_correction else [1e-6, 1e-4, 1e-2]
+        eps = draw(st.sampled_from([1e-2, 1e-1] if low_precision else small))
         decay = max(decay, 0.1)
     else:
         eps = draw(st.sampled_from([0.0, 1e-12, 1e-8, 1e-3, 0.1]))
@@ -216,7 +219,9 @@ def test_mixed_dtype_tree_matches_reference_within_its_round_off(cfg, specs, f32
                 np.asarray(g_t[k], np.float64),
                 w_t[k],
                 rtol=rtol,
-                atol=rtol * cfg.lr * 1e-3,
+                # Momentum sums terms of size ~lr that can cancel: the rounding of a
+                # low-precision state is then relative to lr, not to the (small) result.
+                atol=rtol * cfg.lr / 4,
                 err_msg=f"step {t} leaf {k} {p.dtype}",
             )
     for s in states:

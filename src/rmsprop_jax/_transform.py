@@ -135,16 +135,27 @@ def _init_state(
 
 
 def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
-    """An accumulator for parameter ``p``; works on arrays and ``jax.ShapeDtypeStruct``."""
-    if isinstance(p, jax.core.Tracer):
-        return jnp.full_like(p, value, dtype=dtype)
-    # Concrete arrays and ShapeDtypeStructs carry a sharding: the accumulator gets the same.
-    # Single-device placement is left to JAX, so that init's output is not "committed" where
-    # the params were not (a committed/uncommitted mix makes the first jitted step compile twice).
-    sharding = getattr(p, "sharding", None)
-    if sharding is not None and len(sharding.device_set) == 1:
-        sharding = None
-    return jnp.full(p.shape, value, dtype, device=sharding)
+    """An accumulator for parameter ``p``, placed (sharded) like ``p``.
+
+    Concrete arrays and ``jax.ShapeDtypeStruct`` carry a sharding: the accumulator
+    gets the same. Under ``jit`` a tracer carries none in ``AxisType.Auto`` meshes (nor
+    without a mesh), and a constant fill would be placed by XLA on its own: replicated,
+    or on one device, as optax's accumulators are. So the fill is made to depend
+    element-wise on ``p`` and XLA's sharding propagation gives it ``p``'s sharding. In
+    ``AxisType.Explicit`` meshes this also works without a ``jax.set_mesh`` context,
+    where ``jnp.full_like`` fails. ``where(isfinite(|p|), |p|, 0) * 0`` is exactly +0.0
+    (never NaN or -0.0, whatever ``p`` holds), so the values equal a plain fill bit for bit.
+    """
+    if not isinstance(p, jax.core.Tracer):
+        # Single-device placement is left to JAX, so that init's output is not "committed"
+        # where the params were not (a committed/uncommitted mix compiles the first step twice).
+        sharding = getattr(p, "sharding", None)
+        if sharding is not None and len(sharding.device_set) == 1:
+            sharding = None
+        return jnp.full(p.shape, value, dtype, device=sharding)
+    magnitude = jnp.abs(p)  # real, >= 0: the product below is +0.0, never -0.0
+    zero = jnp.where(jnp.isfinite(magnitude), magnitude, 0) * 0
+    return zero.astype(dtype) + jnp.asarray(value).astype(dtype)
 
 
 # --------------------------------------------------------------------------- update

@@ -11,10 +11,9 @@ program is the same as the op-by-op one, so the results are bit-identical
 (``tests/test_executor.py`` checks this against :func:`apply_leaves_reference`).
 
 Called outside any ``jit``, ``update`` now runs the same compiled leaf function,
-so eager results equal jitted ones bit for bit. (Op-by-op execution can differ
-from XLA's fused code in edge cases: centered with |g| > ~1.8e19 in float32 gives
-``inf - inf`` = NaN op by op and 0 fused, for optax as well; under
-``jax.disable_jit()`` the executor runs op by op again.)
+so eager and jitted updates of the same leaf compile to the same kernel. (Under
+``jax.disable_jit()`` the executor runs op by op again, and XLA's fused code may then
+differ in the last bit, e.g. from fused multiply-adds.)
 
 Hyperparameters that are Python numbers stay static (closed over), exactly as in
 the op-by-op trace: JAX's weak typing then applies as in optax, which is what

@@ -46,9 +46,9 @@ def _concrete(x: Any) -> float | None:
     if isinstance(x, jax.core.Tracer) or callable(x):
         return None
     arr = np.asarray(x)
-    if arr.shape != () or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"expected a scalar number, got {x!r} of shape {arr.shape}")
-    return float(arr.real)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"expected a real scalar number, got {x!r} of shape {arr.shape}")
+    return float(arr)
 
 
 def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
@@ -161,7 +161,8 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 # --------------------------------------------------------------------------- update
 
 
-def _check_structure(grads: Any, state: RmsPropState) -> jax.tree_util.PyTreeDef:
+def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_util.PyTreeDef:
+    """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
     nu_def = jax.tree.structure(state.nu)
     if treedef != nu_def:
@@ -171,11 +172,23 @@ def _check_structure(grads: Any, state: RmsPropState) -> jax.tree_util.PyTreeDef
             "Pass gradients with the structure of the params given to init()."
         )
     paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
-    for (path, g), nu in zip(paths_grads, jax.tree.leaves(state.nu), strict=True):
+    ps = treedef.flatten_up_to(params) if params is not None else [None] * len(paths_grads)
+    for (path, g), nu, p in zip(paths_grads, jax.tree.leaves(state.nu), ps, strict=True):
+        name = jax.tree_util.keystr(path) or "<root>"
         if jnp.shape(g) != jnp.shape(nu):
             raise ValueError(
-                f"gradient leaf {jax.tree_util.keystr(path) or '<root>'} has shape {jnp.shape(g)} "
+                f"gradient leaf {name} has shape {jnp.shape(g)} "
                 f"but its state (and so its parameter) has shape {jnp.shape(nu)}."
+            )
+        g_dtype = jnp.result_type(g)
+        if not jnp.issubdtype(g_dtype, jnp.inexact):
+            raise TypeError(
+                f"gradient leaf {name} has dtype {g_dtype}; expected a floating or complex dtype."
+            )
+        if p is not None and jnp.iscomplexobj(g) and not jnp.iscomplexobj(p):
+            raise TypeError(
+                f"gradient leaf {name} is complex ({g_dtype}) but its parameter is real "
+                f"({jnp.result_type(p)}); take the real part, or make the parameter complex."
             )
     return treedef
 
@@ -225,7 +238,7 @@ def _make(
     def update_fn(
         updates: optax.Updates, state: RmsPropState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, RmsPropState]:
-        treedef = _check_structure(updates, state)
+        treedef = _check_structure(updates, state, params)
         if weight_decay is not None and params is None:
             raise ValueError(
                 f"weight_decay={weight_decay!r} needs the parameters: call update(grads, state, params)."

@@ -9,7 +9,7 @@ this function line by line against the README's "Equations" section:
     nu <- decay * nu + (1 - decay) * |g|^2     second moment
     mu <- decay * mu + (1 - decay) * g         first moment     (centered)
     nu^, mu^ <- nu / (1 - decay^t), mu / (1 - decay^t)          (bias_correction)
-    v  <- max(nu^ - |mu^|^2, 0)  if centered else nu^
+    v  <- max(nu^ - |mu^|^2, 0)  if centered else nu^   (v = inf where nu^ overflowed)
     d  <- sqrt(v + eps)          if eps_in_sqrt else sqrt(v) + eps
     u  <- g / d
     lr inside momentum  (optax, TF, Keras):   u <- -lr * u; b <- u + m * b
@@ -124,7 +124,11 @@ def rms_leaf(
         nu_hat = nu_hat / s.bias_correction
         if flags.centered:
             mu_hat = mu_hat / s.bias_correction
-    var = jnp.maximum(nu_hat - abs_sq(mu_hat), 0) if flags.centered else nu_hat
+    if flags.centered:
+        # Where |g|^2 overflowed, nu^ and |mu^|^2 are both inf: keep v = inf (so u = 0), not inf - inf.
+        var = jnp.where(jnp.isinf(nu_hat), nu_hat, jnp.maximum(nu_hat - abs_sq(mu_hat), 0))
+    else:
+        var = nu_hat
 
     # The floor at the smallest normal number only matters when eps == 0 and
     # v == 0 (then g == 0 too): it turns 0 * inf = NaN into 0.

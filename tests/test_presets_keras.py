@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -70,13 +71,9 @@ def run_keras(kwargs: dict) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
-_KERAS: dict[str, dict[str, np.ndarray]] = {}
-
-
+@functools.cache
 def keras_traj(case: str) -> dict[str, np.ndarray]:
-    if case not in _KERAS:
-        _KERAS[case] = run_keras(CASES[case])
-    return _KERAS[case]
+    return run_keras(CASES[case])
 
 
 def ref_config(kwargs: dict) -> RefConfig:
@@ -104,14 +101,10 @@ def preset(case: str):
     return presets.keras(learning_rate=lr_schedule(LRS), **CASES[case])
 
 
-_OURS: dict[str, dict[str, np.ndarray]] = {}
-
-
+@functools.cache
 def preset_traj(case: str) -> dict[str, np.ndarray]:
     """The preset's trajectory for a case (computed once, shared by the comparisons)."""
-    if case not in _OURS:
-        _OURS[case] = run_jax(preset(case), PARAMS, GRADS)
-    return _OURS[case]
+    return run_jax(preset(case), PARAMS, GRADS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

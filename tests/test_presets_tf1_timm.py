@@ -8,6 +8,7 @@ starting parameters, the gradients and the per-step learning rates they saw.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -53,15 +54,11 @@ def timm_preset(case: str):
     return presets.timm_tf(lr=lr_schedule(LRS), **kwargs)
 
 
-_OURS: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-
-
+@functools.cache
 def preset_traj(framework: str, case: str) -> dict[str, np.ndarray]:
     """The preset's trajectory for a recorded case (computed once, shared by the comparisons)."""
-    if (framework, case) not in _OURS:
-        opt = tf1_preset(case) if framework == "tf1" else timm_preset(case)
-        _OURS[framework, case] = run_jax(opt, PARAMS, GRADS)
-    return _OURS[framework, case]
+    opt = tf1_preset(case) if framework == "tf1" else timm_preset(case)
+    return run_jax(opt, PARAMS, GRADS)
 
 
 def test_fixture_is_small_and_long_enough():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -52,13 +54,9 @@ def run_torch(kwargs: dict, foreach: bool = False) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
-_TORCH: dict[str, dict[str, np.ndarray]] = {}
-
-
+@functools.cache
 def torch_traj(case: str) -> dict[str, np.ndarray]:
-    if case not in _TORCH:
-        _TORCH[case] = run_torch(CASES[case])
-    return _TORCH[case]
+    return run_torch(CASES[case])
 
 
 def ref_config(kwargs: dict) -> RefConfig:
@@ -77,14 +75,10 @@ def ref_config(kwargs: dict) -> RefConfig:
     )
 
 
-_OURS: dict[str, dict[str, np.ndarray]] = {}
-
-
+@functools.cache
 def preset_traj(case: str) -> dict[str, np.ndarray]:
     """The preset's trajectory for a case (computed once, shared by the comparisons)."""
-    if case not in _OURS:
-        _OURS[case] = run_jax(presets.pytorch(lr=lr_schedule(LRS), **CASES[case]), PARAMS, GRADS)
-    return _OURS[case]
+    return run_jax(presets.pytorch(lr=lr_schedule(LRS), **CASES[case]), PARAMS, GRADS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

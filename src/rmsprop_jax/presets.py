@@ -78,7 +78,7 @@ def pytorch(
     momentum: float = 0,
     centered: bool = False,
     maximize: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""``torch.optim.RMSprop`` (PyTorch 2.x), step for step.
 
     .. code-block:: text
@@ -157,7 +157,7 @@ def keras(
     epsilon: float = 1e-7,
     centered: bool = False,
     weight_decay: ScalarOrSchedule | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Keras 3 ``keras.optimizers.RMSprop``, step for step.
 
     .. code-block:: text
@@ -229,7 +229,7 @@ def tensorflow_v1(
     momentum: float = 0.0,
     epsilon: float = 1e-10,
     centered: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""TensorFlow 1 ``tf.compat.v1.train.RMSPropOptimizer``, step for step.
 
     The kernels are ``tf.raw_ops.ApplyRMSProp`` and ``ApplyCenteredRMSProp``:
@@ -294,7 +294,7 @@ def timm_tf(
     centered: bool = False,
     decoupled_decay: bool = False,
     lr_in_momentum: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""timm's ``timm.optim.RMSpropTF`` ("PyTorch RMSprop with TensorFlow epsilon"), step for step.
 
     .. code-block:: text
@@ -365,7 +365,7 @@ def graves_2013(
     decay: float = 0.95,
     momentum: float = 0.9,
     eps: float = 1e-4,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Graves (2013), *Generating Sequences With Recurrent Neural Networks*, eqs. 38-41.
 
     .. code-block:: text
@@ -417,7 +417,7 @@ def dqn_2015(
     squared_gradient_momentum: float = 0.95,
     gradient_momentum: float = 0.95,
     min_squared_gradient: float = 0.01,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""The RMSProp of DQN (Mnih et al., *Nature* 2015), as in DeepMind's released code.
 
     .. code-block:: text
@@ -485,7 +485,7 @@ def hinton_2012(
     learning_rate: ScalarOrSchedule,
     decay: float = 0.9,
     eps: float = 0.0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp as introduced in Hinton's *Neural Networks for Machine Learning*, lecture 6e (2012).
 
     .. code-block:: text

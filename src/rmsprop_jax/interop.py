@@ -239,7 +239,8 @@ def from_keras(optimizer: Any, params: Any) -> RmsPropState:
       *subtracted*, this package's holds the update that is *added*).
 
     Raises:
-      TypeError: not a (built) Keras 3 RMSprop. ValueError: counts or shapes differ.
+      TypeError: not a (built) Keras 3 RMSprop.
+      ValueError: counts or shapes differ.
     """
     named, treedef = _leaves(params)
     velocities, averages, momentums = _keras_slots(optimizer, len(named))
@@ -271,8 +272,8 @@ def to_keras(state: RmsPropState, optimizer: Any) -> None:
       optimizer: the Keras optimizer, built with the model's variables.
 
     Raises:
-      TypeError: not a (built) Keras 3 RMSprop. ValueError: counts, shapes or
-      layouts (centered, momentum) do not match.
+      TypeError: not a (built) Keras 3 RMSprop.
+      ValueError: counts, shapes or layouts (centered, momentum) do not match.
     """
     nus = jax.tree.leaves(state.nu)
     velocities, averages, momentums = _keras_slots(optimizer, len(nus))

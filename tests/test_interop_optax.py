@@ -54,8 +54,22 @@ def _id(layout: tuple[Any, ...]) -> str:
     return "+".join(p for p in parts if p)
 
 
-def _ids(cases: list[tuple[str, tuple[Any, ...]]]) -> list[str]:
-    return [f"{wrapper}:{_id(layout)}" for wrapper, layout in cases]
+_KERNEL_ROUNDOFF = pytest.mark.xfail(
+    strict=False,
+    reason="centered + bias_correction inside MultiSteps' lax.cond: rmsprop_jax's and optax's kernels "
+    "compile to results a few ulp apart on some steps, with or without a conversion (found here; "
+    "test_optax_dropin allows 1e-6 for such round-off); the conversion itself only moves arrays",
+)
+
+
+def _cases(cases: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    """pytest params with readable ids; the one known kernel round-off case marked."""
+    out = []
+    for wrapper, layout in cases:
+        centered, _, bias_correction, _ = layout
+        marks = [_KERNEL_ROUNDOFF] if wrapper == "MultiSteps" and centered and bias_correction else []
+        out.append(pytest.param(wrapper, layout, id=f"{wrapper}:{_id(layout)}", marks=marks))
+    return out
 
 
 PLAIN_CASES = [("plain", lay) for lay in LAYOUTS]
@@ -138,7 +152,7 @@ def _optax_to_ours(
     return want, got, s1
 
 
-@pytest.mark.parametrize("wrapper,layout", PLAIN_CASES, ids=_ids(PLAIN_CASES))
+@pytest.mark.parametrize("wrapper,layout", _cases(PLAIN_CASES))
 def test_optax_rmsprop_continues_in_rmsprop_jax_bit_for_bit(wrapper: str, layout: tuple[Any, ...]) -> None:
     want, got, s1 = _optax_to_ours(layout, wrapper)
     _assert_bitwise_equal(got[0], want[0])  # params
@@ -147,26 +161,17 @@ def test_optax_rmsprop_continues_in_rmsprop_jax_bit_for_bit(wrapper: str, layout
     assert not np.array_equal(np.asarray(got[0]["w"]), np.asarray(_params()["w"]))
 
 
-@pytest.mark.parametrize("wrapper,layout", WRAPPED_CASES, ids=_ids(WRAPPED_CASES))
+@pytest.mark.parametrize("wrapper,layout", _cases(WRAPPED_CASES))
 def test_wrapped_optax_rmsprop_continues_in_rmsprop_jax_bit_for_bit(
     wrapper: str, layout: tuple[Any, ...]
 ) -> None:
-    centered, _, bias_correction, _ = layout
-    if wrapper == "MultiSteps" and centered and bias_correction:
-        pytest.xfail(
-            "centered + bias_correction inside MultiSteps' lax.cond: the two kernels themselves differ by "
-            "float32 round-off (a few ulp), before any conversion; see test_optax_dropin for the tolerance"
-        )
     want, got, s1 = _optax_to_ours(layout, wrapper)
     _assert_bitwise_equal(got[0], want[0])
     _assert_bitwise_equal(interop.to_optax(got[1], s1), want[1])
 
 
-@pytest.mark.parametrize("wrapper,layout", PLAIN_CASES + WRAPPED_CASES, ids=_ids(PLAIN_CASES + WRAPPED_CASES))
+@pytest.mark.parametrize("wrapper,layout", _cases(PLAIN_CASES + WRAPPED_CASES))
 def test_rmsprop_jax_continues_in_optax_bit_for_bit(wrapper: str, layout: tuple[Any, ...]) -> None:
-    centered, _, bias_correction, _ = layout
-    if wrapper == "MultiSteps" and centered and bias_correction:
-        pytest.xfail("kernel round-off under lax.cond, as above")
     optax_tx, optax_run = _runner("optax", layout, wrapper)
     ours_tx, ours_run = _runner("ours", layout, wrapper)
     p1, s1 = ours_run(_params(), ours_tx.init(_params()))
@@ -178,6 +183,13 @@ def test_rmsprop_jax_continues_in_optax_bit_for_bit(wrapper: str, layout: tuple[
     _assert_bitwise_equal(got[0], want[0])
     # Compared in optax's layout: where optax keeps no count, the count is not carried (nothing reads it).
     _assert_bitwise_equal(got[1], interop.to_optax(want[1], template))
+
+
+def test_the_round_off_case_agrees_to_float32_round_off() -> None:
+    """The xfail-marked case above: the converted run still agrees with optax's to float32 round-off."""
+    want, got, _ = _optax_to_ours((True, (0.9, True), True, True), "MultiSteps")
+    for g, w in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the check has teeth

@@ -1,7 +1,11 @@
-"""Move a run between frameworks mid-training: optimizer state to and from PyTorch and Keras 3.
+"""Move a run between frameworks mid-training: optimizer state to and from optax, PyTorch and Keras 3.
 
-The four functions translate between this package's :class:`~rmsprop_jax.RmsPropState`
-and
+:func:`from_optax` and :func:`to_optax` translate the state of ``optax.rmsprop``
+(any of its options, also inside ``optax.chain``, ``inject_hyperparams``,
+``MultiSteps``) to and from the state of :func:`rmsprop_jax.rmsprop` with the
+same hyperparameters; the continuation is bit for bit the same (see
+:func:`from_optax`). The other four functions translate between this package's
+:class:`~rmsprop_jax.RmsPropState` and
 
 * a ``torch.optim.RMSprop`` ``state_dict()`` (keys ``square_avg``, ``grad_avg``,
   ``momentum_buffer``, ``step``), for :func:`rmsprop_jax.presets.pytorch`;

@@ -416,7 +416,10 @@ def from_optax(optax_state: Any, params: Any = None) -> Any:
       ``rmsprop_jax.scale_by_rms(...)`` / ``rmsprop_jax.scale_by_rms(..., centered=True)``.
 
     Swap the import, keep the hyperparameters, and the run continues bit for bit
-    (``tests/test_interop_optax.py``). The layouts read, for every option of
+    (``tests/test_interop_optax.py``; under ``optax.masked`` / ``multi_transform``,
+    and for ``centered`` with ``bias_correction`` under ``MultiSteps``, the two
+    libraries' compiled kernels differ by float32 round-off even without a
+    conversion, so there the continuation agrees to round-off). The layouts read, for every option of
     ``optax.rmsprop`` (optax 0.2.x): the chain ``(P, L, M)`` with
 
     * ``P``: ``ScaleByRmsState(nu)``; ``ScaleByRStdDevState(mu, nu)`` (``centered``);

@@ -26,6 +26,7 @@ def _blocks(section: str) -> list[str]:
 def test_readme_section_code_runs(section: str) -> None:
     pytest.importorskip("flax")
     pytest.importorskip("orbax.checkpoint")
+    pytest.importorskip("equinox")
     blocks = _blocks(section)
     assert blocks, f"section {section!r} has no python code blocks"
     namespace: dict[str, object] = {"__name__": f"readme_{section}"}

@@ -1,7 +1,11 @@
-"""Move a run between frameworks mid-training: optimizer state to and from PyTorch and Keras 3.
+"""Move a run between frameworks mid-training: optimizer state to and from optax, PyTorch and Keras 3.
 
-The four functions translate between this package's :class:`~rmsprop_jax.RmsPropState`
-and
+:func:`from_optax` and :func:`to_optax` translate the state of ``optax.rmsprop``
+(any of its options, also inside ``optax.chain``, ``inject_hyperparams``,
+``MultiSteps``) to and from the state of :func:`rmsprop_jax.rmsprop` with the
+same hyperparameters; the continuation is bit for bit the same (see
+:func:`from_optax`). The other four functions translate between this package's
+:class:`~rmsprop_jax.RmsPropState` and
 
 * a ``torch.optim.RMSprop`` ``state_dict()`` (keys ``square_avg``, ``grad_avg``,
   ``momentum_buffer``, ``step``), for :func:`rmsprop_jax.presets.pytorch`;
@@ -27,15 +31,16 @@ the CPU); only :func:`to_pytorch` imports torch, to build tensors.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rmsprop_jax._transform import RmsPropState
 
-__all__ = ["from_keras", "from_pytorch", "to_keras", "to_pytorch"]
+__all__ = ["from_keras", "from_optax", "from_pytorch", "to_keras", "to_optax", "to_pytorch"]
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -238,7 +243,8 @@ def from_keras(optimizer: Any, params: Any) -> RmsPropState:
       *subtracted*, this package's holds the update that is *added*).
 
     Raises:
-      TypeError: not a (built) Keras 3 RMSprop. ValueError: counts or shapes differ.
+      TypeError: not a (built) Keras 3 RMSprop.
+      ValueError: counts or shapes differ.
     """
     named, treedef = _leaves(params)
     velocities, averages, momentums = _keras_slots(optimizer, len(named))
@@ -270,8 +276,8 @@ def to_keras(state: RmsPropState, optimizer: Any) -> None:
       optimizer: the Keras optimizer, built with the model's variables.
 
     Raises:
-      TypeError: not a (built) Keras 3 RMSprop. ValueError: counts, shapes or
-      layouts (centered, momentum) do not match.
+      TypeError: not a (built) Keras 3 RMSprop.
+      ValueError: counts, shapes or layouts (centered, momentum) do not match.
     """
     nus = jax.tree.leaves(state.nu)
     velocities, averages, momentums = _keras_slots(optimizer, len(nus))
@@ -301,3 +307,296 @@ def to_keras(state: RmsPropState, optimizer: Any) -> None:
         for var, val in zip(variables, values, strict=True):
             var.assign(np.asarray(sign * np.asarray(val), dtype=np.dtype(var.dtype)))
     optimizer.iterations.assign(int(np.asarray(state.count)))
+
+
+# --------------------------------------------------------------------------- optax
+
+
+def _optax_rms_types() -> tuple[type, ...]:
+    """optax's four RMSProp preconditioner states (with/without count, plain/centered).
+
+    The ``*WithCountState`` classes (``bias_correction=True``) are not re-exported at
+    optax's top level; they are read from ``optax._src.transform`` where they exist.
+    """
+    from optax._src import transform as optax_transform
+
+    names = (
+        "ScaleByRmsState",
+        "ScaleByRmsWithCountState",
+        "ScaleByRStdDevState",
+        "ScaleByRStdDevWithCountState",
+    )
+    return tuple(t for t in (getattr(optax_transform, n, None) for n in names) if isinstance(t, type))
+
+
+def _is_optax_rms(node: Any) -> bool:
+    """The state of ``optax.scale_by_rms`` or ``optax.scale_by_stddev``."""
+    return isinstance(node, _optax_rms_types())
+
+
+def _is_optax_rmsprop_chain(node: Any) -> bool:
+    """The state of ``optax.rmsprop``: the 3-tuple of its ``optax.chain``.
+
+    ``(scale_by_rms | scale_by_stddev, EmptyState | ScaleByScheduleState, EmptyState | TraceState)``
+    -- the learning rate is ``optax.scale`` (no state) or ``optax.scale_by_schedule``
+    (its own count), momentum is ``optax.trace`` or ``optax.identity``.
+    """
+    return (
+        type(node) is tuple
+        and len(node) == 3
+        and _is_optax_rms(node[0])
+        and isinstance(node[1], (optax.EmptyState, optax.ScaleByScheduleState))
+        and isinstance(node[2], (optax.EmptyState, optax.TraceState))
+    )
+
+
+def _is_optax_node(node: Any) -> bool:
+    return _is_optax_rmsprop_chain(node) or _is_optax_rms(node)
+
+
+def _concrete_int(x: Any) -> int | None:
+    return None if isinstance(x, jax.core.Tracer) else int(np.asarray(x))
+
+
+def _from_optax_node(node: Any, path: str, params: Any) -> RmsPropState:
+    """One optax RMSProp state (a chain 3-tuple or a bare preconditioner state) as an RmsPropState."""
+    rms, schedule, trace = node if _is_optax_rmsprop_chain(node) else (node, None, None)
+    counts = {}
+    if "count" in rms._fields:
+        counts["the preconditioner's count (bias_correction=True)"] = rms.count
+    if isinstance(schedule, optax.ScaleByScheduleState):
+        counts["the learning-rate schedule's count"] = schedule.count
+    values = {what: _concrete_int(c) for what, c in counts.items()}
+    if None not in values.values() and len(set(values.values())) > 1:
+        raise ValueError(
+            f"optax state at {path}: its step counts disagree ({values}); an RmsPropState has one count."
+        )
+    nu, mu = rms.nu, getattr(rms, "mu", None)
+    tr = trace.trace if isinstance(trace, optax.TraceState) else None
+    if params is not None:
+        want = jax.tree.structure(params)
+        for what, tree in (("nu", nu), ("mu", mu), ("trace", tr)):
+            if tree is None:
+                continue
+            got: Any = jax.tree.structure(tree)  # PyTreeDef is opaque to mypy
+            if got != want:
+                raise ValueError(
+                    f"optax state at {path}: {what} has tree structure {got} but params has {want}."
+                )
+            for (kp, a), p in zip(
+                jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(params), strict=True
+            ):
+                if np.shape(a) != np.shape(p):
+                    raise ValueError(
+                        f"optax state at {path}: {what}{jax.tree_util.keystr(kp)} has shape {np.shape(a)} "
+                        f"but its parameter has shape {np.shape(p)}."
+                    )
+    # Where optax keeps no count (constant learning rate, no bias correction) none is needed:
+    # such a configuration never reads it. 0 then stands for "not recorded".
+    count = next(iter(counts.values())) if counts else 0
+    return RmsPropState(count=jnp.asarray(count, jnp.int32), nu=nu, mu=mu, trace=tr)
+
+
+def from_optax(optax_state: Any, params: Any = None) -> Any:
+    """The state of an ``optax.rmsprop`` run as the state of :func:`rmsprop_jax.rmsprop`.
+
+    Every optax RMSProp state found in ``optax_state`` is replaced by the
+    :class:`~rmsprop_jax.RmsPropState` that ``rmsprop_jax`` would hold at the same
+    step; everything around it (``optax.chain`` tuples, ``inject_hyperparams``'s
+    count and hyperparameters, ``MultiSteps``'s accumulated gradients, ``masked``,
+    ``multi_transform`` ...) is kept as it is. So the result has exactly the
+    structure of the same optimizer built with ``rmsprop_jax``:
+
+    * ``optax.rmsprop(...)`` -> ``rmsprop_jax.rmsprop(...)`` (an ``RmsPropState``);
+    * ``optax.chain(a, optax.rmsprop(...), b)`` -> ``optax.chain(a, rmsprop_jax.rmsprop(...), b)``;
+    * ``optax.inject_hyperparams(optax.rmsprop)(...)`` ->
+      ``optax.inject_hyperparams(rmsprop_jax.rmsprop)(...)``;
+    * ``optax.MultiSteps(optax.rmsprop(...), k)`` -> ``optax.MultiSteps(rmsprop_jax.rmsprop(...), k)``;
+    * ``optax.scale_by_rms(...)`` / ``optax.scale_by_stddev(...)`` ->
+      ``rmsprop_jax.scale_by_rms(...)`` / ``rmsprop_jax.scale_by_rms(..., centered=True)``.
+
+    Swap the import, keep the hyperparameters, and the run continues bit for bit
+    (``tests/test_interop_optax.py``; under ``optax.masked`` / ``multi_transform``,
+    and for ``centered`` with ``bias_correction`` under ``MultiSteps``, the two
+    libraries' compiled kernels differ by float32 round-off even without a
+    conversion, so there the continuation agrees to round-off). The layouts read, for every option of
+    ``optax.rmsprop`` (optax 0.2.x): the chain ``(P, L, M)`` with
+
+    * ``P``: ``ScaleByRmsState(nu)``; ``ScaleByRStdDevState(mu, nu)`` (``centered``);
+      ``ScaleByRmsWithCountState(count, nu)`` / ``ScaleByRStdDevWithCountState(count, mu, nu)``
+      (``bias_correction=True``);
+    * ``L``: ``EmptyState`` (constant learning rate) or ``ScaleByScheduleState(count)`` (a schedule);
+    * ``M``: ``EmptyState`` (``momentum=None``) or ``TraceState(trace)`` (``nesterov`` or not).
+
+    ``nu``, ``mu`` and ``trace`` are taken as they are: optax's momentum buffer
+    already holds the learning-rate-scaled update that is added, as this
+    package's does with ``lr_in_momentum=True``. ``count`` is the preconditioner's
+    count or the schedule's (they must agree); where optax records none
+    (constant learning rate and no bias correction) nothing reads it and it is 0.
+    ``eps``, ``eps_in_sqrt``, ``initial_scale`` and ``nesterov`` leave no trace in
+    the state: continue with the same values.
+
+    A 3-tuple of exactly this shape is read as ``optax.rmsprop``'s chain even when
+    it was written out by hand (``optax.chain(optax.scale_by_rms(), optax.scale(-lr),
+    optax.trace(m))`` computes the same thing). Orbax checkpoints: restore them onto
+    the optax optimizer's abstract state (``jax.eval_shape(optax_tx.init, params)``)
+    so that the NamedTuple types come back, then convert.
+
+    Args:
+      optax_state: the optimizer state as optax returns it (or a restored copy).
+      params: optional; when given, the accumulators of every RMSProp state found
+        must have its tree structure and shapes (a check only; leave it out for
+        ``optax.masked`` / ``multi_transform`` states, whose trees are partial).
+
+    Returns:
+      ``optax_state`` with its optax RMSProp states replaced by ``RmsPropState``\\ s.
+
+    Raises:
+      ValueError: no optax RMSProp state is found, its counts disagree, or its
+        trees do not match ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax
+      >>> params = {"w": jnp.ones(2)}
+      >>> optax_state = optax.rmsprop(0.1, momentum=0.9).init(params)
+      >>> state = rmsprop_jax.interop.from_optax(optax_state, params)
+      >>> type(state).__name__, state.trace is not None
+      ('RmsPropState', True)
+    """
+    found: list[str] = []
+
+    def convert(path: Any, node: Any) -> Any:
+        if not _is_optax_node(node):
+            return node
+        name = jax.tree_util.keystr(path) or "<root>"
+        found.append(name)
+        return _from_optax_node(node, name, params)
+
+    out = jax.tree_util.tree_map_with_path(convert, optax_state, is_leaf=_is_optax_node)
+    if not found:
+        raise ValueError(
+            f"no optax RMSProp state found in the {type(optax_state).__name__} given: expected the state of "
+            "optax.rmsprop (a tuple (ScaleByRmsState | ScaleByRStdDevState [WithCount], EmptyState | "
+            "ScaleByScheduleState, EmptyState | TraceState)) or of optax.scale_by_rms / scale_by_stddev, "
+            "possibly inside optax.chain, inject_hyperparams, MultiSteps. A state restored without a "
+            "target (plain dicts/lists) must be restored onto the optax optimizer's abstract state first."
+        )
+    return out
+
+
+def _check_leaves(what: str, got: Any, want: Any) -> None:
+    """``got`` must have ``want``'s tree structure, shapes and dtypes (``want`` may be abstract)."""
+    got_def: Any = jax.tree.structure(got)  # PyTreeDef is opaque to mypy
+    want_def = jax.tree.structure(want)
+    if got_def != want_def:
+        raise ValueError(f"{what}: the state has tree structure {got_def}, the optax template {want_def}.")
+    for (kp, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
+        g_sd = (np.shape(g), jnp.result_type(g))
+        w_sd = (np.shape(w), jnp.result_type(w))
+        if g_sd != w_sd:
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(kp)}: the state has shape {g_sd[0]} and dtype {g_sd[1]}, "
+                f"the optax template shape {w_sd[0]} and dtype {w_sd[1]}."
+            )
+
+
+def _to_optax_node(state: Any, template: Any, path: str) -> Any:
+    if not isinstance(state, RmsPropState):
+        raise ValueError(
+            f"at {path} the optax template holds an RMSProp state but the state holds a "
+            f"{type(state).__name__}: the two optimizers are not built alike."
+        )
+    chain = _is_optax_rmsprop_chain(template)
+    rms, schedule, trace = template if chain else (template, None, None)
+    centered = "mu" in rms._fields
+    momentum = isinstance(trace, optax.TraceState)
+    if centered != (state.mu is not None):
+        raise ValueError(
+            f"centered mismatch at {path}: the optax template {'is' if centered else 'is not'} centered "
+            f"({type(rms).__name__}), the state {'has' if state.mu is not None else 'has no'} mu."
+        )
+    if momentum != (state.trace is not None):
+        raise ValueError(
+            f"momentum mismatch at {path}: the optax template has "
+            f"{'a' if momentum else 'no'} momentum trace"
+            f"{'' if chain else ' (optax.scale_by_rms has none)'}, the state "
+            f"{'has' if state.trace is not None else 'has no'} trace."
+        )
+    _check_leaves(f"{path} nu", state.nu, rms.nu)
+    if centered:
+        _check_leaves(f"{path} mu", state.mu, rms.mu)
+    if isinstance(trace, optax.TraceState):
+        _check_leaves(f"{path} trace", state.trace, trace.trace)
+
+    def count_like(c: Any) -> jax.Array:
+        return jnp.asarray(state.count, jnp.result_type(c))
+
+    fields = {f: getattr(state, f) for f in rms._fields if f != "count"}
+    if "count" in rms._fields:
+        fields["count"] = count_like(rms.count)
+    new_rms = type(rms)(**fields)
+    if not chain:
+        return new_rms
+    new_schedule = (
+        optax.ScaleByScheduleState(count=count_like(schedule.count))
+        if isinstance(schedule, optax.ScaleByScheduleState)
+        else schedule
+    )
+    new_trace = optax.TraceState(trace=state.trace) if state.trace is not None else trace
+    return (new_rms, new_schedule, new_trace)
+
+
+def to_optax(state: Any, optax_template_state: Any) -> Any:
+    """The inverse of :func:`from_optax`: this package's state as the state of ``optax.rmsprop``.
+
+    Args:
+      state: the state of an optimizer built with ``rmsprop_jax`` (an
+        :class:`~rmsprop_jax.RmsPropState`, or one inside the same wrappers as the
+        template: ``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` ...).
+      optax_template_state: the state of the optax optimizer to continue with,
+        e.g. ``optax_tx.init(params)`` or ``jax.eval_shape(optax_tx.init, params)``.
+        Only its structure, types, shapes and dtypes are used: it says which
+        layout each RMSProp state takes (centered or not, with the count of bias
+        correction or not, a schedule's count or not, a momentum trace or not;
+        see :func:`from_optax` for the list).
+
+    Returns:
+      A state of the template's structure and types, holding ``state``'s values:
+      ``nu``, ``mu`` and ``trace`` as they are, ``count`` in every count field of
+      an RMSProp state (the preconditioner's and the schedule's); everything
+      outside the RMSProp states (a wrapper's count, hyperparameters, accumulated
+      gradients) is taken from ``state``.
+
+    Raises:
+      ValueError: the two do not match: the tree around the RMSProp states
+        differs, or an RMSProp state differs in layout (centered, momentum),
+        tree structure, shape or dtype. The message names the place.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = rmsprop_jax.rmsprop(0.1, centered=True).init(params)
+      >>> optax_state = rmsprop_jax.interop.to_optax(state, optax.rmsprop(0.1, centered=True).init(params))
+      >>> type(optax_state[0]).__name__
+      'ScaleByRStdDevState'
+    """
+    is_ours = lambda x: isinstance(x, RmsPropState)
+    t_paths, t_def = jax.tree_util.tree_flatten_with_path(optax_template_state, is_leaf=_is_optax_node)
+    s_leaves, s_def = jax.tree_util.tree_flatten(state, is_leaf=lambda x: is_ours(x) or _is_optax_node(x))
+    t_def, s_def = cast(Any, t_def), cast(Any, s_def)  # jaxlib ships no stubs: PyTreeDef is opaque
+    if t_def != s_def:
+        raise ValueError(
+            "the state and the optax template differ around their RMSProp states (each shown as *):\n"
+            f"  state:    {s_def}\n  template: {t_def}"
+        )
+    out = []
+    for (kp, t), s in zip(t_paths, s_leaves, strict=True):
+        name = jax.tree_util.keystr(kp) or "<root>"
+        if _is_optax_node(t):
+            out.append(_to_optax_node(s, t, name))
+        elif is_ours(s):
+            raise ValueError(f"at {name} the state holds an RmsPropState but the optax template does not.")
+        else:
+            _check_leaves(name, s, t)
+            out.append(s)
+    return t_def.unflatten(out)

@@ -77,6 +77,7 @@ def test_sdist_and_wheel_contents(dist: Path) -> None:
     for required in (
         "pyproject.toml",
         "README.md",
+        "LICENSE",
         "src/rmsprop_jax/__init__.py",
         "src/rmsprop_jax/py.typed",
     ):
@@ -98,6 +99,8 @@ def test_sdist_and_wheel_contents(dist: Path) -> None:
     )
     assert [r.split()[1].split(">")[0] for r in requires] == ["jax", "optax"], requires
     assert "Description-Content-Type: text/markdown" in metadata
+    assert "License-Expression: Apache-2.0" in metadata
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel_names)
 
 
 PROBE = """
@@ -140,9 +143,15 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(dist: Path, tmp_path: Path) -
     )
 
     assert Path(probe["file"]).resolve().is_relative_to(new_site.resolve()), probe["file"]
-    assert not any(Path(p).resolve().is_relative_to(ROOT.resolve()) for p in probe["sys_path"] if p), [
-        p for p in probe["sys_path"] if p and Path(p).resolve().is_relative_to(ROOT.resolve())
+    # Nothing of the checkout on the path, except this environment's site-packages (the test venv may
+    # live inside the checkout, as `make test`'s .venv does).
+    deps = {Path(p).resolve() for p in site.getsitepackages()}
+    in_checkout = [
+        p
+        for p in probe["sys_path"]
+        if p and Path(p).resolve().is_relative_to(ROOT.resolve()) and Path(p).resolve() not in deps
     ]
+    assert not in_checkout, in_checkout
     # ... nor any other copy of the package (the editable install's source directory, say).
     others = [p for p in probe["sys_path"] if p and (Path(p) / "rmsprop_jax" / "__init__.py").exists()]
     assert [Path(p).resolve() for p in others] == [new_site.resolve()], others

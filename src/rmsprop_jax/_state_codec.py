@@ -162,7 +162,7 @@ class Storage:
     int8: bool = False
     blockwise: Blockwise = Blockwise()
     stochastic: bool | None = None
-    seed: int = 0
+    seed: Any = 0  # an int, or an array under optax.inject_hyperparams
 
     @property
     def native_low_precision(self) -> bool:
@@ -205,7 +205,7 @@ def step_leaf(
     mu: Any,
     trace: Any,
     wd_on: bool | Array,
-    rounding: tuple[int, Array, Array] | None = None,
+    rounding: tuple[Any, Any, Any] | None = None,
 ) -> tuple[Array, Any, Any, Any]:
     """Decode the accumulators, :func:`rms_leaf`, encode them.
 

@@ -143,6 +143,16 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedLeaf)
 
 
+def reject_quantized(state: Any, where: str) -> None:
+    """Raise a clear ValueError if any accumulator of ``state`` is 8-bit (for the interop exports)."""
+    if any(is_quantized(x) for x in jax.tree.leaves(state, is_leaf=is_quantized)):
+        raise ValueError(
+            f"{where}: the state holds 8-bit block-wise accumulators (accumulator_dtype='int8'), which "
+            "the target framework's RMSprop cannot hold. Export from a float32-state optimizer, or "
+            "decode the QuantizedLeaf nodes yourself with rmsprop_jax.dequantize_blockwise."
+        )
+
+
 def stored_shape(x: Any) -> tuple[int, ...]:
     return tuple(x.codes.shape) if is_quantized(x) else tuple(jnp.shape(x))
 

@@ -245,7 +245,7 @@ def hash_key(seed: Any, step: Any, leaf: Any) -> Array:
 
 
 def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
-    """Uniform uint32 bits for every element of an array of ``shape``: ``mix(mix(i * phi) ^ key)``.
+    """Uniform uint32 bits for every element of an array of ``shape``: ``mix(i * phi + key)``.
 
     ``i`` is the element's row-major index; counter-based, so every shard of a sharded
     array computes its own bits with no communication.
@@ -255,7 +255,7 @@ def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
     for ax in reversed(range(len(shape))):
         idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, ax) * jnp.uint32(stride % 2**32)
         stride *= shape[ax]
-    return _mix32(_mix32(idx * jnp.uint32(0x9E3779B9)) ^ key)
+    return _mix32(idx * jnp.uint32(0x9E3779B9) + key)
 
 
 class _FloatFormat(NamedTuple):

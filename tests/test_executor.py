@@ -22,7 +22,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import _executor, _transform
+from rmsprop_jax import _executor, _state_codec, _transform
 from rmsprop_jax._update import rms_leaf
 
 STEPS = 3
@@ -202,10 +202,10 @@ def test_wrong_executor_fails_the_comparison() -> None:
     """Mutation check: an executor that ignores static weight-decay masks must be caught."""
 
     def mask_ignoring(
-        flags: Any, scalars: Any, gs: Any, ps: Any, nus: Any, mus: Any, trs: Any, masks: Any
+        flags: Any, scalars: Any, gs: Any, ps: Any, nus: Any, mus: Any, trs: Any, masks: Any, **codecs: Any
     ) -> Any:
         masks = [True if m is False else m for m in masks]
-        return _executor.apply_leaves_reference(flags, scalars, gs, ps, nus, mus, trs, masks)
+        return _executor.apply_leaves_reference(flags, scalars, gs, ps, nus, mus, trs, masks, **codecs)
 
     kw = COMBOS["centered_nesterov_masked_wd"]
     fast = _run(_rmsprop(kw))
@@ -222,7 +222,7 @@ def test_rms_leaf_traced_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> 
         calls.append(1)
         return rms_leaf(*args, **kwargs)
 
-    monkeypatch.setattr(_executor, "rms_leaf", counting)
+    monkeypatch.setattr(_state_codec, "rms_leaf", counting)
     params = {f"a{i}": jnp.ones(4) for i in range(150)} | {f"b{i}": jnp.ones((2, 3)) for i in range(50)}
     opt = rmsprop_jax.rmsprop(0.0123456)  # a learning rate no other test uses: a fresh cache entry
     jax.jit(opt.update).lower(params, opt.init(params), params)

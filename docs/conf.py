@@ -47,7 +47,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(optax|jax|jaxlib|numpy|np|torch|keras|flax|equinox|orbax)(\..*)?"),
     (
         r"py:.*",
-        r"(collections\.abc\.)?(Any|Callable|NamedTuple|TypeAlias|ArrayTree|ScalarOrSchedule|MaskOrFn)",
+        r"(collections\.abc\.)?(Any|Callable|NamedTuple|TypeAlias|ArrayTree|ScalarOrSchedule|MaskOrFn|Array)",
     ),
     (r"py:.*", r"(rmsprop_jax\._\w+\..*)"),  # private aliases in signatures
 ]

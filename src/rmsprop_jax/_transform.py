@@ -104,6 +104,10 @@ def _storage(
             f"stochastic_rounding={stochastic_rounding!r} is invalid; allowed: None (automatic: on for "
             "bfloat16/float16 accumulators), True or False (round to nearest, as optax)."
         )
+    # None is seed 0. (A numeric default would make optax.inject_hyperparams inject it, so the
+    # injected state would no longer have optax.rmsprop's structure: checkpoints would not carry over.)
+    if rounding_seed is None:
+        rounding_seed = 0
     # optax.inject_hyperparams passes numbers as (possibly traced) arrays: checked when concrete.
     if not isinstance(rounding_seed, jax.core.Tracer):
         seed = np.asarray(rounding_seed)
@@ -421,7 +425,7 @@ def rmsprop(
     maximize: bool = False,
     accumulator_dtype: Any | None = None,
     stochastic_rounding: bool | None = None,
-    rounding_seed: int = 0,
+    rounding_seed: int | None = None,
     quantization: Blockwise | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp as an Optax gradient transformation; a drop-in for :func:`optax.rmsprop`.
@@ -493,7 +497,7 @@ def rmsprop(
         accumulators' own dtype operation by operation, exactly as
         ``optax.rmsprop`` (bit-identical on bfloat16 parameters). No effect on
         float32/float64 accumulators.
-      rounding_seed: seed of the stochastic rounding (an integer in [0, 2**32));
+      rounding_seed: seed of the stochastic rounding (an integer in [0, 2**32); ``None``: 0);
         with the step count, leaf index and element index it determines every
         rounding: runs are reproducible.
       quantization: a :class:`Blockwise` configuration (block size, minimum leaf
@@ -566,7 +570,7 @@ def scale_by_rms(
     centered: bool = False,
     accumulator_dtype: Any | None = None,
     stochastic_rounding: bool | None = None,
-    rounding_seed: int = 0,
+    rounding_seed: int | None = None,
     quantization: Blockwise | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The RMSProp preconditioner alone, :math:`g \mapsto g / \sqrt{v_t + \epsilon}`.

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import report
+from benchmarks import lowmem, report
 from benchmarks.workloads import (
     CONFIGS,
     Config,
@@ -510,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(data, indent=1))
     report.write_outputs(data, out)
     print(f"wrote {out}/results.json, results.md, results.png in {data['wall_s']:.0f} s")
+    if args.only is None or "lowmem" in args.only.split(","):  # state formats: benchmarks/lowmem.py
+        lowmem.write_outputs(lowmem.run_section(args.quick), out)
+        print(f"wrote {out}/lowmem.json, lowmem.md, lowmem.png")
     return 0
 
 

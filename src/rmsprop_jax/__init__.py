@@ -5,8 +5,18 @@ modules is private.
 """
 
 from rmsprop_jax import interop, presets
+from rmsprop_jax._quantize import dequantize_blockwise, quantize_blockwise
 from rmsprop_jax._transform import RmsPropState, rmsprop, scale_by_rms
 
 __version__ = "0.1.0"
 
-__all__ = ["RmsPropState", "__version__", "interop", "presets", "rmsprop", "scale_by_rms"]
+__all__ = [
+    "RmsPropState",
+    "__version__",
+    "dequantize_blockwise",
+    "interop",
+    "presets",
+    "quantize_blockwise",
+    "rmsprop",
+    "scale_by_rms",
+]

@@ -1,0 +1,308 @@
+"""Storage codecs for optimizer state: pure functions, no RMSProp arithmetic here.
+
+Two families:
+
+**8-bit block-wise dynamic quantization** (Dettmers et al., 2022, "8-bit Optimizers
+via Block-wise Quantization"), reproducing bitsandbytes 0.50.2 exactly:
+
+* :func:`create_dynamic_map` is ``bitsandbytes.functional.create_dynamic_map``: 256
+  float32 values in [-1, 1] (signed) or [0, 1] (unsigned), a dynamic exponent
+  (powers of ten from 1e-6 to 1) followed by a linear fraction.
+* :func:`quantize_blockwise` cuts the tensor into blocks of ``block_size`` elements,
+  stores ``absmax = max |x|`` per block in float32 and, for every element, one byte:
+  the index of a code of the map. The index is chosen as bitsandbytes' CPU kernel
+  (``csrc/cpu_ops.cpp``, ``quantize_cpu_impl``) chooses it, which is **not** plain
+  nearest-code rounding: the normalised value ``v = x * (1 / absmax)`` is first
+  snapped to one of 65536 equally spaced points of [-1, 1],
+
+      k = uint16((clamp(v, -1, 1) + 1) * 0.5 * 65535 + 0.5)          (truncation)
+      t_k = -1 + 2 k / 65535,
+
+  and the code is the map entry nearest to ``t_k`` (a precomputed 65536-entry table,
+  ties to the lower code). Since ``t_k`` is never exactly 0 (65535 is odd), zero and
+  every ``|v| < ~2.3e-5`` land on code 131 of the signed map (``+2.125e-5``), never on
+  the exact zero (code 127): **a non-negative value never decodes to 0 unless its
+  whole block is 0.** A second-moment estimate stored this way therefore keeps a
+  floor of ``2.125e-5 * absmax`` and the next step can never become ``g / eps``.
+  An all-zero block stores ``absmax = 0`` and codes 0 and decodes to (-)0.
+* :func:`dequantize_blockwise` is ``code[c] * absmax`` in float32, bit for bit.
+
+Blocks run over the flattened tensor (``axis=None``, bitsandbytes' layout) or along
+the last axis (``axis=-1``: each row is cut into blocks of its own, the last one
+short). The two agree whenever the last dimension is a multiple of ``block_size``;
+the per-row layout never lets a block straddle rows, so a row-sharded (or
+column-sharded with shard widths that are multiples of the block) array can be
+quantized shard by shard with no communication.
+
+**Stochastic rounding** of float32 to bfloat16 or float16 (:func:`stochastic_round`):
+each value goes to one of its two neighbours in the target format, up (away from
+zero) with probability equal to the discarded remainder, so ``E[round(x)] = x``
+exactly. The random bits come from :func:`hash_bits`, a counter-based integer hash
+of (element index, step, leaf index, seed): deterministic for a seed, no PRNG key
+to thread through the state, no communication under sharding. The rounding is pure
+integer arithmetic on the float32 bit pattern (so it is exact, independent of the
+FPU's flush-to-zero mode, and correct for subnormal targets, overflow to inf, inf
+and NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# --------------------------------------------------------------------------- the dynamic map
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` on CPU, bit for bit.
+
+    PyTorch casts the ends to float32, divides their float32 difference in double and fills the first
+    half as ``start + i * step`` and the second half as ``end - (steps - 1 - i) * step``
+    (symmetric, so both ends are exact), rounding each value once to float32.
+    """
+    start64, end64 = float(np.float32(start)), float(np.float32(end))
+    step = float(np.float32(end) - np.float32(start)) / (steps - 1)
+    half = steps // 2
+    vals = [start64 + i * step if i < half else end64 - (steps - 1 - i) * step for i in range(steps)]
+    return np.array(vals, dtype=np.float32)
+
+
+@functools.cache
+def _dynamic_map_np(signed: bool, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    data: list[float] = []
+    i = 0
+    for i in range(max_exponent_bits):
+        exponent = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
+        boundaries = _torch_linspace_f32(0.1, 1, int(2**exponent + 1))
+        means = (boundaries[:-1] + boundaries[1:]) / np.float32(2.0)
+        scale = np.float32(10 ** (-(max_exponent_bits - 1) + i))
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    if additional_items > 0:
+        boundaries = _torch_linspace_f32(0.1, 1, additional_items + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / np.float32(2.0)
+        scale = np.float32(10 ** (-(max_exponent_bits - 1) + i))
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (2**total_bits - len(data))
+    out = np.array(sorted(data), dtype=np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def create_dynamic_map(signed: bool = True) -> np.ndarray:
+    """bitsandbytes' 8-bit dynamic quantization map (``create_dynamic_map``), as float32.
+
+    Signed: 127 negative values, 0, and 128 positive values up to 1.0 (sorted).
+    Unsigned: 0, 254 positive values and 1.0 (plus one duplicate 0 at the bottom).
+    """
+    return _dynamic_map_np(bool(signed)).copy()
+
+
+@functools.cache
+def _lut_np(signed: bool) -> np.ndarray:
+    """The CPU kernel's 65536-entry table: point ``t_k = -1 + 2k/65535`` -> nearest code.
+
+    ``build_quantize_lut`` in ``csrc/cpu_ops.cpp``: midpoints ``0.5 * (c[i] + c[i+1])``
+    in float32; a point gets the first code whose upper midpoint is not below it.
+    """
+    code = _dynamic_map_np(signed)
+    midpoints = np.float32(0.5) * (code[:-1] + code[1:])
+    k = np.arange(65536, dtype=np.float32)
+    points = np.float32(-1.0) + (np.float32(2.0) * k) / np.float32(65535)
+    # code_idx advances while midpoints[code_idx] < point: the number of midpoints below it.
+    lut = np.searchsorted(midpoints, points, side="left").astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
+# --------------------------------------------------------------------------- block layout
+
+
+def _blocks(x: Array, block_size: int, axis: int | None) -> tuple[Array, int]:
+    """``x`` as ``(..., n_blocks, block_size)``, zero-padded; returns it and the padded length."""
+    if axis is None:
+        x = x.reshape(-1)
+    elif axis not in (-1, x.ndim - 1):
+        raise ValueError(f"axis={axis!r} is not supported; allowed: None (flattened) or -1 (last axis).")
+    if x.ndim == 0:
+        x = x.reshape(1)
+    n = x.shape[-1]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], nb, block_size), n
+
+
+def _check_block_size(block_size: int) -> int:
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(
+            f"block_size={block_size!r} is invalid; allowed: a positive integer (bitsandbytes: 256)."
+        )
+    return int(block_size)
+
+
+def absmax_shape(shape: tuple[int, ...], block_size: int = 256, axis: int | None = None) -> tuple[int, ...]:
+    """Shape of the ``absmax`` array :func:`quantize_blockwise` returns for an input of ``shape``."""
+    if axis is None or len(shape) <= 1:
+        return (-(-math.prod(shape) // block_size),)
+    return (*shape[:-1], -(-shape[-1] // block_size))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "signed", "axis"))
+def quantize_blockwise(
+    x: Array, *, block_size: int = 256, signed: bool = True, axis: int | None = None
+) -> tuple[Array, Array]:
+    """Block-wise 8-bit dynamic quantization, code for code as bitsandbytes' CPU kernel.
+
+    Args:
+      x: a real array (computed in float32).
+      block_size: elements per block (bitsandbytes' optimizers: 256).
+      signed: use the signed dynamic map (bitsandbytes' default, and what its
+        optimizers use for every state, the non-negative second moment included).
+      axis: ``None``: blocks over the flattened array (bitsandbytes); ``-1``: blocks
+        along the last axis, one set per row (see the module docstring).
+
+    Returns:
+      ``(codes, absmax)``: ``codes`` uint8 with ``x``'s shape; ``absmax`` float32 of
+      shape ``(ceil(x.size / block_size),)``, or ``(*x.shape[:-1], ceil(x.shape[-1] /
+      block_size))`` with ``axis=-1``.
+
+    The rule, per block with ``a = max |x|``: ``a == 0`` gives codes 0; otherwise
+    ``k = floor((clamp(x * (1/a), -1, 1) + 1) * 0.5 * 65535 + 0.5)`` and the code is
+    ``LUT[k]``, the map entry nearest to ``-1 + 2k/65535``.
+    """
+    block_size = _check_block_size(block_size)
+    x = jnp.asarray(x)
+    shape = x.shape
+    xb, n = _blocks(x.astype(jnp.float32), block_size, axis)
+    # std::max(a, |NaN|) keeps a in the C kernel: NaN does not enter absmax (and codes as 0).
+    absmax = jnp.max(jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb)), axis=-1)
+    inv = (jnp.float32(1.0) / absmax)[..., None]  # inf where absmax == 0: masked below
+    v = jnp.clip(xb * inv, -1.0, 1.0)
+    # Each operation rounded to float32 on its own, as the C kernel evaluates it.
+    k = (v + jnp.float32(1.0)) * jnp.float32(0.5)
+    k = k * jnp.float32(65535.0)
+    k = k + jnp.float32(0.5)
+    k = jnp.where(jnp.isnan(k), 0.0, k).astype(jnp.int32)  # truncation, as static_cast<uint16_t>
+    codes = jnp.asarray(_lut_np(bool(signed)))[k]
+    codes = jnp.where((absmax == 0)[..., None], jnp.uint8(0), codes)
+    codes = codes.reshape(*codes.shape[:-2], -1)[..., :n].reshape(shape)
+    return codes, absmax
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "signed", "axis", "dtype"))
+def dequantize_blockwise(
+    codes: Array,
+    absmax: Array,
+    *,
+    block_size: int = 256,
+    signed: bool = True,
+    axis: int | None = None,
+    dtype: Any = jnp.float32,
+) -> Array:
+    """``code[codes] * absmax`` per block in float32: bitsandbytes' ``dequantize_blockwise``, bit for bit."""
+    block_size = _check_block_size(block_size)
+    codes = jnp.asarray(codes)
+    shape = codes.shape
+    cb, n = _blocks(codes, block_size, axis)
+    values = jnp.asarray(_dynamic_map_np(bool(signed)))[cb.astype(jnp.int32)]
+    out = values * jnp.asarray(absmax, jnp.float32)[..., None]
+    out = out.reshape(*out.shape[:-2], -1)[..., :n].reshape(shape)
+    return out.astype(dtype)
+
+
+# --------------------------------------------------------------------------- stochastic rounding
+
+
+def _mix32(x: Array) -> Array:
+    """A 32-bit integer finaliser ("lowbias32", C. Wellons): a bijection with good avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_key(seed: Any, step: Any, leaf: Any) -> Array:
+    """A uint32 key for one (seed, step, leaf): the per-leaf, per-step stream of :func:`hash_bits`."""
+    k = _mix32(jnp.asarray(leaf, jnp.uint32) + jnp.uint32(0x9E3779B9))
+    k = _mix32(k ^ jnp.asarray(step).astype(jnp.uint32))
+    return _mix32(k ^ jnp.asarray(seed, jnp.uint32))
+
+
+def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
+    """Uniform uint32 bits for every element of an array of ``shape``: ``mix(mix(i * phi) ^ key)``.
+
+    ``i`` is the element's row-major index; counter-based, so every shard of a sharded
+    array computes its own bits with no communication.
+    """
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for ax in reversed(range(len(shape))):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, ax) * jnp.uint32(stride % 2**32)
+        stride *= shape[ax]
+    return _mix32(_mix32(idx * jnp.uint32(0x9E3779B9)) ^ key)
+
+
+class _FloatFormat(NamedTuple):
+    mantissa_bits: int
+    min_exponent: int  # of the smallest normal number
+    inf_bits: int
+    bits_dtype: Any
+
+
+_FORMATS = {
+    jnp.dtype(jnp.bfloat16): _FloatFormat(7, -126, 0x7F80, jnp.uint16),
+    jnp.dtype(jnp.float16): _FloatFormat(10, -14, 0x7C00, jnp.uint16),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def stochastic_round(x: Array, dtype: Any, bits: Array) -> Array:
+    """Round float32 ``x`` to ``dtype`` (bfloat16 or float16), up with probability = remainder.
+
+    With ``x = (q + f) * 2^e`` where ``q * 2^e`` is ``|x|`` truncated to the target's
+    precision (``2^e`` its spacing there, subnormal range included) and ``0 <= f < 1``,
+    the result is ``sign(x) * (q + [u < f]) * 2^e`` for a uniform ``u`` taken from the
+    low bits of ``bits``; so ``E[result] = x`` exactly. Computed on the integer bit
+    pattern: the discarded bits of the significand plus the random bits carry into the
+    kept ones (possibly into the exponent, up to inf past the largest finite value).
+    inf and NaN pass through; values too small for a carry to reach the smallest
+    subnormal (below ``2^-32`` for float16) round to zero.
+    """
+    dt = jnp.dtype(dtype)
+    fmt = _FORMATS.get(dt)
+    if fmt is None:
+        raise ValueError(f"stochastic rounding targets bfloat16 or float16, got dtype={dt}.")
+    x = x.astype(jnp.float32)
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = b >> 31
+    e_field = ((b >> 23) & 0xFF).astype(jnp.int32)
+    significand = (b & 0x7FFFFF) | jnp.where(e_field > 0, jnp.uint32(1 << 23), jnp.uint32(0))
+    exponent = jnp.maximum(e_field, 1) - 127  # unbiased; float32 subnormals share -126
+    t = fmt.mantissa_bits
+    shift = (23 - t) + jnp.maximum(0, fmt.min_exponent - exponent)
+    too_small = shift > 31
+    shift_u = jnp.minimum(shift, 31).astype(jnp.uint32)
+    mask = (jnp.uint32(1) << shift_u) - jnp.uint32(1)
+    q = (significand + (bits & mask)) >> shift_u  # significand < 2^24, so no uint32 overflow
+    q = jnp.where(too_small, jnp.uint32(0), q)
+    base = (jnp.maximum(exponent, fmt.min_exponent) - fmt.min_exponent).astype(jnp.uint32) << t
+    magnitude = jnp.minimum(base + q, jnp.uint32(fmt.inf_bits))
+    out_bits = ((sign << 15) | magnitude).astype(fmt.bits_dtype)
+    out = jax.lax.bitcast_convert_type(out_bits, dt)
+    return jnp.where(jnp.isfinite(x), out, x.astype(dt))

@@ -22,7 +22,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import _executor, _transform
+from rmsprop_jax import _executor, _state_codec, _transform
 from rmsprop_jax._update import rms_leaf
 
 STEPS = 3
@@ -222,7 +222,7 @@ def test_rms_leaf_traced_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> 
         calls.append(1)
         return rms_leaf(*args, **kwargs)
 
-    monkeypatch.setattr(_executor, "rms_leaf", counting)
+    monkeypatch.setattr(_state_codec, "rms_leaf", counting)
     params = {f"a{i}": jnp.ones(4) for i in range(150)} | {f"b{i}": jnp.ones((2, 3)) for i in range(50)}
     opt = rmsprop_jax.rmsprop(0.0123456)  # a learning rate no other test uses: a fresh cache entry
     jax.jit(opt.update).lower(params, opt.init(params), params)

@@ -6,11 +6,14 @@ modules is private.
 
 from rmsprop_jax import interop, presets
 from rmsprop_jax._quantize import dequantize_blockwise, quantize_blockwise
+from rmsprop_jax._state_codec import Blockwise, QuantizedLeaf
 from rmsprop_jax._transform import RmsPropState, rmsprop, scale_by_rms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Blockwise",
+    "QuantizedLeaf",
     "RmsPropState",
     "__version__",
     "dequantize_blockwise",

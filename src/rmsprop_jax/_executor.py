@@ -35,11 +35,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
-from rmsprop_jax._update import Flags, Scalars, rms_leaf
+from rmsprop_jax._state_codec import PLAIN, Codec, step_leaf
+from rmsprop_jax._update import Flags, Scalars
 
-LeafOut = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
+LeafOut = tuple[jax.Array, Any, Any, Any]
 _STATIC_TYPES = (bool, int, float)
+_PLAIN3 = (PLAIN, PLAIN, PLAIN)
 
 
 def _is_static(x: Any) -> bool:
@@ -48,18 +51,34 @@ def _is_static(x: Any) -> bool:
 
 @functools.lru_cache(maxsize=128)
 def _leaf_fn(
-    flags: Flags, static: tuple[tuple[str, type, Any], ...], wd_static: bool | None
+    flags: Flags,
+    static: tuple[tuple[str, type, Any], ...],
+    wd_static: bool | None,
+    codecs: tuple[Codec, Codec, Codec] = _PLAIN3,
+    seed: int = 0,
 ) -> Callable[..., Any]:
-    """A jitted ``rms_leaf`` with the static hyperparameters and the static mask baked in.
+    """A jitted ``rms_leaf`` (inside its storage codecs, see ``_state_codec.step_leaf``) with the
+    static hyperparameters, the static mask and the codecs baked in.
 
     ``static`` holds ``(name, type, value)`` so that ``1`` and ``1.0`` (equal
     hashes, different JAX types) get separate entries.
     """
     fixed = {name: value for name, _, value in static}
 
-    def leaf(dynamic: dict[str, Any], g: Any, p: Any, nu: Any, mu: Any, trace: Any, wd_array: Any) -> LeafOut:
+    def leaf(
+        dynamic: dict[str, Any],
+        g: Any,
+        p: Any,
+        nu: Any,
+        mu: Any,
+        trace: Any,
+        wd_array: Any,
+        rounding: Any = None,
+    ) -> LeafOut:
         scalars = Scalars(**fixed, **dynamic)
-        return rms_leaf(flags, scalars, g, p, nu, mu, trace, wd_array if wd_static is None else wd_static)
+        wd = wd_array if wd_static is None else wd_static
+        rnd = None if rounding is None else (seed, *rounding)
+        return step_leaf(flags, scalars, codecs, g, p, nu, mu, trace, wd, rnd)
 
     return jax.jit(leaf)
 
@@ -73,16 +92,27 @@ def apply_leaves(
     mus: Sequence[Any],
     traces: Sequence[Any],
     masks: Sequence[Any],
+    codecs: Sequence[tuple[Codec, Codec, Codec]] | None = None,
+    rounding: tuple[int, Any] | None = None,
 ) -> list[LeafOut]:
-    """``[rms_leaf(flags, scalars, *leaf) for leaf in zip(...)]``, traced once per leaf signature."""
+    """``[step_leaf(flags, scalars, codecs, *leaf) for leaf in zip(...)]``, traced once per leaf signature.
+
+    ``codecs``: per leaf, the storage codecs of (nu, mu, trace) (default: plain).
+    ``rounding``: ``(seed, step)`` for stochastic rounding; the leaf index is added here.
+    """
     values = {f.name: getattr(scalars, f.name) for f in dataclasses.fields(scalars)}
     static = tuple((k, type(v), v) for k, v in values.items() if _is_static(v))
     dynamic = {k: v for k, v in values.items() if not _is_static(v)}
+    codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)
+    seed, step = rounding if rounding is not None else (0, None)
     outs = []
-    for g, p, nu, mu, trace, mask in zip(gs, ps, nus, mus, traces, masks, strict=True):
+    for i, (g, p, nu, mu, trace, mask, cs) in enumerate(
+        zip(gs, ps, nus, mus, traces, masks, codecs, strict=True)
+    ):
         wd_static = mask if isinstance(mask, bool) else None
-        fn = _leaf_fn(flags, static, wd_static)
-        outs.append(fn(dynamic, g, p, nu, mu, trace, None if wd_static is not None else mask))
+        fn = _leaf_fn(flags, static, wd_static, cs, seed)
+        rnd = None if step is None or cs == _PLAIN3 else (step, np.uint32(i))
+        outs.append(fn(dynamic, g, p, nu, mu, trace, None if wd_static is not None else mask, rnd))
     return outs
 
 
@@ -95,6 +125,25 @@ def apply_leaves_reference(
     mus: Sequence[Any],
     traces: Sequence[Any],
     masks: Sequence[Any],
+    codecs: Sequence[tuple[Codec, Codec, Codec]] | None = None,
+    rounding: tuple[int, Any] | None = None,
 ) -> list[LeafOut]:
     """The straightforward loop, op by op: what :func:`apply_leaves` must reproduce bit for bit."""
-    return [rms_leaf(flags, scalars, *leaf) for leaf in zip(gs, ps, nus, mus, traces, masks, strict=True)]
+    codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)
+    seed, step = rounding if rounding is not None else (0, None)
+    leaves = zip(gs, ps, nus, mus, traces, masks, codecs, strict=True)
+    return [
+        step_leaf(
+            flags,
+            scalars,
+            cs,
+            g,
+            p,
+            nu,
+            mu,
+            tr,
+            mask,
+            None if step is None or cs == _PLAIN3 else (seed, step, np.uint32(i)),
+        )
+        for i, (g, p, nu, mu, tr, mask, cs) in enumerate(leaves)
+    ]

@@ -16,6 +16,15 @@ import numpy as np
 import optax
 
 from rmsprop_jax._executor import apply_leaves
+from rmsprop_jax._state_codec import (
+    DEFAULT_STORAGE,
+    PLAIN,
+    Blockwise,
+    Stochastic,
+    Storage,
+    is_quantized,
+    stored_shape,
+)
 from rmsprop_jax._update import Flags, Scalars
 
 ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
@@ -30,6 +39,11 @@ class RmsPropState(NamedTuple):
       nu: exponential moving average of squared gradients, one leaf per parameter.
       mu: exponential moving average of gradients (``centered=True``), else ``None``.
       trace: momentum buffer (``momentum`` not ``None``), else ``None``.
+
+    With ``accumulator_dtype="int8"`` an accumulator leaf of a large parameter is a
+    :class:`QuantizedLeaf` ``(codes, absmax)`` in place of an array (so
+    ``optax.tree.get(state, "nu")`` returns the tree with those nodes); decode one
+    with :func:`rmsprop_jax.dequantize_blockwise` (block size and layout as configured).
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
@@ -70,6 +84,50 @@ def _check_dtype(name: str, dtype: Any) -> Any:
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"{name}={dtype!r} is not a floating dtype; allowed: a floating dtype or None.")
     return dt
+
+
+def _storage(
+    accumulator_dtype: Any, stochastic_rounding: Any, rounding_seed: Any, quantization: Any
+) -> tuple[Any, Storage]:
+    """(float accumulator dtype or None, storage choice) from the public arguments."""
+    int8 = isinstance(accumulator_dtype, str) and accumulator_dtype == "int8"
+    if not int8 and accumulator_dtype is not None and not isinstance(accumulator_dtype, str):
+        try:
+            int8 = jnp.dtype(accumulator_dtype) == jnp.dtype(jnp.int8)
+        except TypeError:
+            pass
+    if stochastic_rounding not in (None, True, False):
+        raise ValueError(
+            f"stochastic_rounding={stochastic_rounding!r} is invalid; allowed: None (automatic: on for "
+            "bfloat16/float16 accumulators), True or False (round to nearest, as optax)."
+        )
+    if not isinstance(rounding_seed, (int, np.integer)) or not 0 <= int(rounding_seed) < 2**32:
+        raise ValueError(f"rounding_seed={rounding_seed!r} is invalid; allowed: an integer in [0, 2**32).")
+    if quantization is not None and not isinstance(quantization, Blockwise):
+        raise ValueError(
+            f"quantization={quantization!r} is invalid; allowed: None or rmsprop_jax.Blockwise(...)."
+        )
+    if quantization is not None and not int8:
+        raise ValueError(
+            f"quantization={quantization!r} needs accumulator_dtype='int8', got {accumulator_dtype!r}."
+        )
+    storage = Storage(
+        int8=int8,
+        blockwise=quantization or Blockwise(),
+        stochastic=stochastic_rounding,
+        seed=int(rounding_seed),
+    )
+    if int8:
+        return jnp.dtype(jnp.float32), storage
+    if isinstance(accumulator_dtype, str) and accumulator_dtype not in ("int8",):
+        try:
+            jnp.dtype(accumulator_dtype)
+        except TypeError:
+            raise ValueError(
+                f"accumulator_dtype={accumulator_dtype!r} is not a dtype; "
+                "allowed: a floating dtype, 'int8' or None."
+            ) from None
+    return _check_dtype("accumulator_dtype", accumulator_dtype), storage
 
 
 def _validate_core(decay: Any, eps: Any, initial_scale: Any) -> None:
@@ -115,17 +173,29 @@ def _accumulator_dtypes(param_dtype: Any, accumulator_dtype: Any) -> tuple[Any, 
 
 
 def _init_state(
-    params: Any, initial_scale: Any, centered: bool, momentum: bool, accumulator_dtype: Any
+    params: Any,
+    initial_scale: Any,
+    centered: bool,
+    momentum: bool,
+    accumulator_dtype: Any,
+    storage: Storage = DEFAULT_STORAGE,
 ) -> RmsPropState:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     nus, mus, traces = [], [], []
+
+    def new(p: Any, value: Any, dtype: Any) -> Any:
+        codec = storage.codec(tuple(p.shape), dtype)
+        if codec is PLAIN:
+            return _full_like_param(p, value, dtype)
+        return codec.init(_full_like_param(p, value, jnp.float32))
+
     for path, p in paths_leaves:
         nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype)
-        nus.append(_full_like_param(p, initial_scale, nu_dt))
+        nus.append(new(p, initial_scale, nu_dt))
         if centered:
-            mus.append(_full_like_param(p, 0, acc_dt))
+            mus.append(new(p, 0, acc_dt))
         if momentum:
-            traces.append(_full_like_param(p, 0, acc_dt))
+            traces.append(new(p, 0, acc_dt))
     return RmsPropState(
         count=jnp.zeros([], jnp.int32),
         nu=jax.tree.unflatten(treedef, nus),
@@ -164,7 +234,7 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_util.PyTreeDef:
     """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
-    nu_def = jax.tree.structure(state.nu)
+    nu_def = jax.tree.structure(state.nu, is_leaf=is_quantized)
     if treedef != nu_def:
         raise ValueError(
             "the gradient tree does not match the optimizer state.\n"
@@ -173,12 +243,14 @@ def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_u
         )
     paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
     ps = treedef.flatten_up_to(params) if params is not None else [None] * len(paths_grads)
-    for (path, g), nu, p in zip(paths_grads, jax.tree.leaves(state.nu), ps, strict=True):
+    for (path, g), nu, p in zip(
+        paths_grads, jax.tree.leaves(state.nu, is_leaf=is_quantized), ps, strict=True
+    ):
         name = jax.tree_util.keystr(path) or "<root>"
-        if jnp.shape(g) != jnp.shape(nu):
+        if jnp.shape(g) != stored_shape(nu):
             raise ValueError(
                 f"gradient leaf {name} has shape {jnp.shape(g)} "
-                f"but its state (and so its parameter) has shape {jnp.shape(nu)}."
+                f"but its state (and so its parameter) has shape {stored_shape(nu)}."
             )
         g_dtype = jnp.result_type(g)
         if not jnp.issubdtype(g_dtype, jnp.inexact):
@@ -229,11 +301,12 @@ def _make(
     decoupled_weight_decay: bool,
     weight_decay_mask: MaskOrFn | None,
     accumulator_dtype: Any,
+    storage: Storage = DEFAULT_STORAGE,
 ) -> optax.GradientTransformation:
     """Build the transformation. ``weight_decay`` is ``None`` when statically off."""
 
     def init_fn(params: optax.Params) -> RmsPropState:
-        return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype)
+        return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype, storage)
 
     def update_fn(
         updates: optax.Updates, state: RmsPropState, params: optax.Params | None = None
@@ -264,10 +337,22 @@ def _make(
         ps = treedef.flatten_up_to(params) if weight_decay is not None else [None] * n
         masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
 
-        # rms_leaf on every leaf, traced once per distinct leaf signature (see _executor).
-        outs = apply_leaves(flags, scalars, gs, ps, nus, mus, trs, masks)
+        # rms_leaf on every leaf, inside its storage codecs, traced once per distinct leaf
+        # signature (see _executor and _state_codec).
+        codecs = [
+            (storage.codec_of(nu), storage.codec_of(mu), storage.codec_of(tr))
+            for nu, mu, tr in zip(nus, mus, trs, strict=True)
+        ]
+        if all(c is PLAIN for cs in codecs for c in cs):
+            outs = apply_leaves(flags, scalars, gs, ps, nus, mus, trs, masks)
+        else:
+            stochastic = any(isinstance(c, Stochastic) for cs in codecs for c in cs)
+            rounding = (storage.seed, count) if stochastic else None
+            outs = apply_leaves(
+                flags, scalars, gs, ps, nus, mus, trs, masks, codecs=codecs, rounding=rounding
+            )
         cols = list(zip(*outs, strict=True)) or [()] * 4
-        new_updates, new_nu, new_mu, new_trace = (treedef.unflatten(c) for c in cols)
+        new_updates, new_nu, new_mu, new_trace = (treedef.unflatten(list(c)) for c in cols)
         return new_updates, RmsPropState(
             count=count_inc,
             nu=new_nu,
@@ -298,6 +383,9 @@ def rmsprop(
     lr_in_momentum: bool = True,
     maximize: bool = False,
     accumulator_dtype: Any | None = None,
+    stochastic_rounding: bool | None = None,
+    rounding_seed: int = 0,
+    quantization: Blockwise | None = None,
 ) -> optax.GradientTransformation:
     r"""RMSProp as an Optax gradient transformation; a drop-in for :func:`optax.rmsprop`.
 
@@ -350,9 +438,29 @@ def rmsprop(
         leaves (biases, norms) are not decayed. optax's convention.
       lr_in_momentum: see above; irrelevant without momentum.
       maximize: ascend the objective instead of descending it (PyTorch's flag).
-      accumulator_dtype: dtype of ``nu``, ``mu`` and the momentum buffer;
-        default: each parameter's dtype. The arithmetic always runs in at
-        least float32 and updates come back in the gradients' dtype.
+      accumulator_dtype: how ``nu``, ``mu`` and the momentum buffer are stored;
+        default: each parameter's dtype. ``"int8"``: 8-bit block-wise dynamic
+        quantization (bitsandbytes' scheme, ~1 byte per element plus a float32
+        ``absmax`` per block of 256; see :class:`Blockwise` and the README's
+        "Low-memory state"); leaves below ``quantization.min_size`` (4096)
+        elements stay float32. The arithmetic runs in float32 on the decoded
+        state, the update uses the new, unquantized accumulators, and they are
+        quantized after the step. Updates come back in the gradients' dtype.
+      stochastic_rounding: for bfloat16/float16 accumulators (also the default for
+        bfloat16/float16 parameters): ``None`` (default) or ``True``: the
+        arithmetic runs in float32 and the new accumulators are rounded
+        stochastically (up with probability equal to the remainder; unbiased), so
+        that increments below half an ulp are not lost: with round to nearest a
+        constant gradient leaves bfloat16 ``nu`` stalled at 0.25 instead of ~1 at
+        decay 0.999. ``False``: round to nearest, with the arithmetic in the
+        accumulators' own dtype operation by operation, exactly as
+        ``optax.rmsprop`` (bit-identical on bfloat16 parameters). No effect on
+        float32/float64 accumulators.
+      rounding_seed: seed of the stochastic rounding (an integer in [0, 2**32));
+        with the step count, leaf index and element index it determines every
+        rounding: runs are reproducible.
+      quantization: a :class:`Blockwise` configuration (block size, minimum leaf
+        size, block layout) for ``accumulator_dtype="int8"``; default ``Blockwise()``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is :class:`RmsPropState`.
@@ -386,6 +494,7 @@ def rmsprop(
         lambda v: v >= 0,
         "weight_decay >= 0",
     )
+    acc_dtype, storage = _storage(accumulator_dtype, stochastic_rounding, rounding_seed, quantization)
     return _make(
         learning_rate=learning_rate,
         decay=decay,
@@ -399,12 +508,14 @@ def rmsprop(
             bias_correction=bool(bias_correction),
             lr_in_momentum=bool(lr_in_momentum),
             maximize=bool(maximize),
+            native_precision=storage.native_low_precision,
         ),
         momentum=momentum,
         weight_decay=None if _static_zero(weight_decay) else weight_decay,
         decoupled_weight_decay=bool(decoupled_weight_decay),
         weight_decay_mask=weight_decay_mask,
-        accumulator_dtype=_check_dtype("accumulator_dtype", accumulator_dtype),
+        accumulator_dtype=acc_dtype,
+        storage=storage,
     )
 
 
@@ -417,13 +528,18 @@ def scale_by_rms(
     *,
     centered: bool = False,
     accumulator_dtype: Any | None = None,
+    stochastic_rounding: bool | None = None,
+    rounding_seed: int = 0,
+    quantization: Blockwise | None = None,
 ) -> optax.GradientTransformation:
     r"""The RMSProp preconditioner alone, :math:`g \mapsto g / \sqrt{v_t + \epsilon}`.
 
     A drop-in for :func:`optax.scale_by_rms` and, with ``centered=True``, for
     :func:`optax.scale_by_stddev`; the equations are :func:`rmsprop`'s without
     the learning rate, momentum and weight decay. Chain it with
-    ``optax.scale_by_learning_rate`` (or anything else) as usual.
+    ``optax.scale_by_learning_rate`` (or anything else) as usual. The storage
+    arguments (``accumulator_dtype``, ``stochastic_rounding``, ``rounding_seed``,
+    ``quantization``) are :func:`rmsprop`'s.
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax
@@ -433,6 +549,7 @@ def scale_by_rms(
       Array([1.4142135], dtype=float32)
     """
     _validate_core(decay, eps, initial_scale)
+    acc_dtype, storage = _storage(accumulator_dtype, stochastic_rounding, rounding_seed, quantization)
     return _make(
         learning_rate=None,
         decay=decay,
@@ -443,10 +560,12 @@ def scale_by_rms(
             centered=bool(centered),
             bias_correction=bool(bias_correction),
             scale_by_lr=False,
+            native_precision=storage.native_low_precision,
         ),
         momentum=None,
         weight_decay=None,
         decoupled_weight_decay=False,
         weight_decay_mask=None,
-        accumulator_dtype=_check_dtype("accumulator_dtype", accumulator_dtype),
+        accumulator_dtype=acc_dtype,
+        storage=storage,
     )

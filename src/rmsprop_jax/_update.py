@@ -19,7 +19,10 @@ this function line by line against the README's "Equations" section:
 
 The arithmetic is done in at least float32 (bfloat16/float16 leaves are upcast
 and the results cast back), so low-precision inputs can neither divide by zero
-nor take the root of a negative number through rounding.
+nor take the root of a negative number through rounding. The one exception is
+``Flags.native_precision`` (``stochastic_rounding=False``): the arithmetic then runs
+in the inputs' own dtype, operation by operation, as ``optax.rmsprop`` does on
+bfloat16 parameters, to reproduce its numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Flags:
     lr_in_momentum: bool = True
     maximize: bool = False
     scale_by_lr: bool = True  # False for scale_by_rms (preconditioner only)
+    native_precision: bool = False  # compute in result_type(g, nu) (optax's bf16 arithmetic)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def rms_leaf(
       ``(update, nu, mu, trace)``: the update in ``g``'s dtype and the new
       accumulators in their own dtypes.
     """
-    cd = compute_dtype(g.dtype, nu.dtype)
+    cd = jnp.result_type(g.dtype, nu.dtype) if flags.native_precision else compute_dtype(g.dtype, nu.dtype)
     out_dtype = g.dtype
     g = g.astype(cd)
     if p is not None:
@@ -131,8 +135,11 @@ def rms_leaf(
         var = nu_hat
 
     # The floor at the smallest normal number only matters when eps == 0 and
-    # v == 0 (then g == 0 too): it turns 0 * inf = NaN into 0.
-    tiny = jnp.finfo(var.dtype).tiny
+    # v == 0 (then g == 0 too): it turns 0 * inf = NaN into 0. (In bfloat16/float16
+    # arithmetic, native_precision only, the smallest subnormal: optax's results
+    # are kept wherever they are finite.)
+    fi = jnp.finfo(var.dtype)
+    tiny = fi.tiny if fi.bits >= 32 else fi.smallest_subnormal
     if flags.eps_in_sqrt:
         u = jax.lax.rsqrt(jnp.maximum(var + s.eps, tiny)) * g
     else:

@@ -12,6 +12,7 @@ disagree on four things, and each changes the trajectory:
     timm_tf         inside, 1e-10  1     inside (flag)  coupled or decoupled    0.9    optional  optional
     graves_2013     inside, 1e-4   0     inside         none                    0.95   0.9       always
     dqn_2015        inside, 0.01   0     (no buffer)    none                    0.95   none      always
+    bitsandbytes    outside, 1e-8  0     (no buffer)    coupled (L2)            0.99   ignored   refused
     hinton_2012     none (0)       0     (no buffer)    none                    0.9    none      never
 
 Each function takes the source's own argument names and defaults and returns
@@ -28,14 +29,26 @@ agree while the learning rate is constant and differ as soon as it changes.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from rmsprop_jax._state_codec import Blockwise
 from rmsprop_jax._transform import ScalarOrSchedule, _check, rmsprop
 
-__all__ = ["dqn_2015", "graves_2013", "hinton_2012", "keras", "pytorch", "tensorflow_v1", "timm_tf"]
+__all__ = [
+    "bitsandbytes",
+    "dqn_2015",
+    "graves_2013",
+    "hinton_2012",
+    "keras",
+    "pytorch",
+    "tensorflow_v1",
+    "timm_tf",
+]
 
 
 def _traced(value: Any) -> bool:
@@ -514,3 +527,96 @@ def hinton_2012(
     _number("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
     _eps("eps", eps)
     return rmsprop(learning_rate, decay=decay, eps=eps, initial_scale=0.0, eps_in_sqrt=True)
+
+
+def bitsandbytes(
+    lr: ScalarOrSchedule = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0,
+    momentum: float = 0,
+    centered: bool = False,
+    optim_bits: int = 32,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+    r"""``bitsandbytes.optim.RMSprop`` (0.50.2): ``RMSprop8bit`` (``optim_bits=8``) and
+    ``RMSprop32bit`` (``optim_bits=32``, the default), step for step.
+
+    .. code-block:: text
+
+        input: lr (gamma), alpha, eps, weight_decay (lambda), optim_bits, min_8bit_size
+        init:  v_0 <- 0 (state1)
+        for t = 1, 2, ...:
+            g_t <- g_t + lambda * theta_{t-1}              (coupled, L2)
+            v <- dequantize(state1)                        8-bit: codes + absmax per 256 elements
+            v_t <- alpha * v + (1 - alpha) * g_t^2         float32
+            theta_t <- theta_{t-1} - gamma * g_t / (sqrt(v_t) + eps)   <- eps OUTSIDE the root,
+                                                              from the UNQUANTIZED v_t
+            state1 <- quantize_blockwise(v_t)              8-bit: signed dynamic map, blocks of 256
+                                                              over the flattened tensor
+
+    8-bit state is used for tensors of at least ``min_8bit_size`` elements; smaller
+    ones keep float32 (``RMSprop32bit``'s update). The stored codes and ``absmax``
+    are bitsandbytes' ``state1`` / ``absmax1``: the quantizer is its CPU kernel's,
+    code for code (:func:`rmsprop_jax.quantize_blockwise`), with the blocks laid over
+    the flattened leaf (``Blockwise(layout="flat")``). Source:
+    ``bitsandbytes/optim/rmsprop.py``, ``optim/optimizer.py`` (``Optimizer1State``) and
+    ``backends/cpu/ops.py``; checked live against bitsandbytes 0.50.2 in
+    ``tests/test_bitsandbytes.py`` (codes equal, parameters within 1e-4 of their motion).
+
+    Where bitsandbytes departs from PyTorch's ``RMSprop`` with the same arguments,
+    this preset does what bitsandbytes does:
+
+    * ``momentum`` is accepted and **silently ignored** by bitsandbytes' RMSprop kernels:
+      no buffer exists. Here it is ignored too, with a ``UserWarning`` when non-zero
+      (``rmsprop_jax.rmsprop(..., momentum=m, lr_in_momentum=False,
+      accumulator_dtype="int8")`` gives PyTorch's momentum with 8-bit buffers).
+    * ``centered=True`` and ``alpha=0`` raise ``NotImplementedError``, as in
+      bitsandbytes (``rmsprop_jax.rmsprop(..., centered=True, accumulator_dtype="int8")``
+      is the centered variant with 8-bit state).
+    * The state is float32 (or 8-bit) whatever the parameters' dtype.
+
+    Args:
+      lr: learning rate :math:`\gamma` (float or optax schedule).
+      alpha: smoothing constant of the squared-gradient average, in (0, 1).
+      eps: added to the root of the average, >= 0.
+      weight_decay: L2 coefficient added to the gradient, >= 0.
+      momentum: ignored (see above).
+      centered: must be ``False`` (see above).
+      optim_bits: 32 or 8.
+      min_8bit_size: smallest tensor (elements) with 8-bit state.
+    """
+    if alpha == 0:
+        raise NotImplementedError("RMSprop with alpha==0.0 is not supported! (as in bitsandbytes)")
+    if centered:
+        raise NotImplementedError(
+            "Centered RMSprop is not supported! (bitsandbytes refuses centered=True; use "
+            "rmsprop_jax.rmsprop(..., centered=True, accumulator_dtype='int8') for centered 8-bit RMSProp)"
+        )
+    _lr("lr", lr)
+    _number("alpha", alpha, lambda v: 0 < v < 1, "0 < alpha < 1")
+    _eps("eps", eps)
+    _number("momentum", momentum, lambda v: 0 <= v < 1, "0 <= momentum < 1 (ignored, as in bitsandbytes)")
+    if _traced(momentum) or float(momentum) != 0.0:
+        warnings.warn(
+            f"momentum={momentum!r} is ignored: bitsandbytes' RMSprop accepts momentum and applies none; "
+            "this preset reproduces that. For momentum use rmsprop_jax.rmsprop(..., momentum=...).",
+            UserWarning,
+            stacklevel=2,
+        )
+    if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
+        raise ValueError(f"optim_bits={optim_bits!r} is invalid; allowed: 8 or 32.")
+    if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size={min_8bit_size!r} is invalid; allowed: an integer >= 0.")
+    eight = optim_bits == 8
+    return rmsprop(
+        lr,
+        decay=alpha,
+        eps=eps,
+        initial_scale=0.0,
+        eps_in_sqrt=False,
+        weight_decay=_weight_decay_or_none("weight_decay", weight_decay),
+        decoupled_weight_decay=False,
+        accumulator_dtype="int8" if eight else jnp.float32,
+        quantization=Blockwise(block_size=256, min_size=min_8bit_size, layout="flat") if eight else None,
+    )

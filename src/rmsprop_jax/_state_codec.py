@@ -1,0 +1,237 @@
+"""How each accumulator leaf is stored: a codec around :func:`rmsprop_jax._update.rms_leaf`.
+
+``rms_leaf`` never sees a storage format. For each leaf the executor calls
+:func:`step_leaf`, which decodes the stored accumulators to float32, runs
+``rms_leaf`` and encodes the new accumulators:
+
+========================  ==============================  ==========================================
+codec                     stored as                       encode (after the step)
+========================  ==============================  ==========================================
+``Plain`` (default)       the accumulator dtype           ``rms_leaf``'s own cast (round to nearest)
+``Stochastic``            bfloat16 / float16              stochastic rounding, counter-based hash
+``Blockwise``             ``QuantizedLeaf(codes, absmax)``  :func:`~rmsprop_jax.quantize_blockwise`
+========================  ==============================  ==========================================
+
+The update itself is computed from the *unquantized* new accumulators (as
+bitsandbytes does): quantization only affects what the next step reads back.
+``Plain`` is the identity, so the float path compiles to exactly the program it
+compiled to before codecs existed (bit-identical to optax in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rmsprop_jax import _quantize
+from rmsprop_jax._update import Flags, Scalars, rms_leaf
+
+Array = jax.Array
+
+
+class QuantizedLeaf(NamedTuple):
+    """An 8-bit block-wise accumulator: ``codes`` (uint8, the parameter's shape) and
+    ``absmax`` (float32, one per block). Decode with :func:`rmsprop_jax.dequantize_blockwise`
+    (``block_size`` and ``axis`` as in the :class:`Blockwise` configuration that made it)."""
+
+    codes: Array
+    absmax: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise:
+    """Configuration of 8-bit block-wise accumulators (``accumulator_dtype="int8"``).
+
+    Attributes:
+      block_size: elements per block, each with its own float32 ``absmax`` (bitsandbytes: 256).
+      min_size: leaves with fewer elements keep float32 accumulators (bitsandbytes'
+        ``min_8bit_size``: 4096). Their state is small and their statistics noisy.
+      layout: ``"rows"``: blocks along the last axis, each row cut on its own (the last
+        block of a row may be short), so that blocks never straddle shards of an array
+        sharded along any leading axis (or along the last one in multiples of
+        ``block_size``) and the update needs no communication; identical to
+        bitsandbytes whenever the last dimension is a multiple of ``block_size``.
+        ``"flat"``: blocks over the flattened leaf, bitsandbytes' layout exactly
+        (:func:`rmsprop_jax.presets.bitsandbytes` uses it).
+      signed: the signed dynamic map (bitsandbytes uses it for every state, the
+        non-negative second moment included; the unsigned map would give it twice
+        the resolution but is not what bitsandbytes stores).
+    """
+
+    block_size: int = 256
+    min_size: int = 4096
+    layout: str = "rows"
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} is invalid; allowed: a positive integer.")
+        if not isinstance(self.min_size, int) or isinstance(self.min_size, bool) or self.min_size < 0:
+            raise ValueError(f"min_size={self.min_size!r} is invalid; allowed: an integer >= 0.")
+        if self.layout not in ("rows", "flat"):
+            raise ValueError(f"layout={self.layout!r} is invalid; allowed: 'rows' or 'flat'.")
+
+    @property
+    def axis(self) -> int | None:
+        return -1 if self.layout == "rows" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plain:
+    """Stored as is; ``rms_leaf`` casts the new value to the stored dtype (round to nearest)."""
+
+    def init(self, fill: Array) -> Array:
+        return fill
+
+    def decode(self, stored: Any) -> Any:
+        return stored
+
+    def encode(self, value: Array, bits: Any) -> Array:
+        return value
+
+
+PLAIN = Plain()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stochastic:
+    """bfloat16/float16 storage, float32 arithmetic, stochastic rounding on the way back."""
+
+    dtype: Any
+
+    def init(self, fill: Array) -> Array:
+        return fill.astype(self.dtype)
+
+    def decode(self, stored: Array) -> Array:
+        return stored.astype(jnp.float32)
+
+    def encode(self, value: Array, bits: Array) -> Array:
+        return _quantize.stochastic_round(value, self.dtype, bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """8-bit block-wise codes (see :class:`Blockwise`)."""
+
+    config: Blockwise
+
+    def init(self, fill: Array) -> QuantizedLeaf:
+        return QuantizedLeaf(*self._quantize(fill))
+
+    def decode(self, stored: QuantizedLeaf) -> Array:
+        c = self.config
+        return _quantize.dequantize_blockwise(
+            stored.codes, stored.absmax, block_size=c.block_size, signed=c.signed, axis=c.axis
+        )
+
+    def encode(self, value: Array, bits: Any) -> QuantizedLeaf:
+        return QuantizedLeaf(*self._quantize(value))
+
+    def _quantize(self, x: Array) -> tuple[Array, Array]:
+        c = self.config
+        return _quantize.quantize_blockwise(x, block_size=c.block_size, signed=c.signed, axis=c.axis)
+
+
+Codec = Plain | Stochastic | Quantized
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedLeaf)
+
+
+def stored_shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.codes.shape) if is_quantized(x) else tuple(jnp.shape(x))
+
+
+# --------------------------------------------------------------------------- choosing codecs
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """The transformation's storage choice, resolved per leaf by :meth:`codec`.
+
+    ``int8``: 8-bit block-wise (``blockwise``) for leaves of at least ``min_size``
+    elements. ``stochastic``: stochastic rounding for bfloat16/float16 accumulators
+    (``None``: automatic, i.e. on). ``seed``: the rounding hash's seed.
+    """
+
+    int8: bool = False
+    blockwise: Blockwise = Blockwise()
+    stochastic: bool | None = None
+    seed: int = 0
+
+    @property
+    def native_low_precision(self) -> bool:
+        """Round to nearest with the arithmetic in the accumulators' own precision (optax)."""
+        return self.stochastic is False
+
+    def codec(self, shape: tuple[int, ...], dtype: Any) -> Codec:
+        """The codec of a new accumulator of ``shape`` whose float dtype would be ``dtype``."""
+        dt = jnp.dtype(dtype)
+        big = math.prod(shape) >= max(self.blockwise.min_size, 1)
+        if self.int8 and big and not jnp.issubdtype(dt, jnp.complexfloating):
+            return Quantized(self.blockwise)
+        return self._float_codec(dt)
+
+    def codec_of(self, stored: Any) -> Codec:
+        """The codec that produced a stored accumulator (read from its type and dtype)."""
+        if is_quantized(stored):
+            return Quantized(self.blockwise)
+        return PLAIN if stored is None else self._float_codec(jnp.result_type(stored))
+
+    def _float_codec(self, dt: Any) -> Codec:
+        if self.stochastic is not False and dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return Stochastic(dt)
+        return PLAIN
+
+
+DEFAULT_STORAGE = Storage()
+
+
+# --------------------------------------------------------------------------- the per-leaf step
+
+
+def step_leaf(
+    flags: Flags,
+    s: Scalars,
+    codecs: tuple[Codec, Codec, Codec],
+    g: Array,
+    p: Array | None,
+    nu: Any,
+    mu: Any,
+    trace: Any,
+    wd_on: bool | Array,
+    rounding: tuple[int, Array, Array] | None = None,
+) -> tuple[Array, Any, Any, Any]:
+    """Decode the accumulators, :func:`rms_leaf`, encode them.
+
+    ``rounding``: ``(seed, step, leaf index)`` for stochastic rounding, or ``None``.
+    """
+    c_nu, c_mu, c_tr = codecs
+    u, new_nu, new_mu, new_trace = rms_leaf(
+        flags,
+        s,
+        g,
+        p,
+        c_nu.decode(nu),
+        None if mu is None else c_mu.decode(mu),
+        None if trace is None else c_tr.decode(trace),
+        wd_on,
+    )
+
+    def bits(i: int, x: Array) -> Any:
+        if rounding is None:
+            return None
+        seed, step, leaf = rounding
+        return _quantize.hash_bits(_quantize.hash_key(seed, step, 3 * leaf + i), x.shape)
+
+    return (
+        u,
+        c_nu.encode(new_nu, bits(0, new_nu)),
+        None if new_mu is None else c_mu.encode(new_mu, bits(1, new_mu)),
+        None if new_trace is None else c_tr.encode(new_trace, bits(2, new_trace)),
+    )

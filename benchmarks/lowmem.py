@@ -61,6 +61,7 @@ BIG = _uniform("leaf_256m", "1 leaf x 256M", 1, 1 << 28)
 # Step cost is not measured on 2000 x 64: every leaf is below the 4096-element minimum,
 # so int8 keeps float32 there, and its compile alone takes minutes on 2 cores.
 COST_SKIP = {"leaves_2000"}
+QUICK_COST = {"large_leaf"}  # --quick times only this one (compiles dominate a quick run)
 
 
 def state_bytes(wl: Workload, cfg: Config, mode: str) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def run_section(quick: bool, big: bool = False, only: set[str] | None = None) ->
                 "bytes": {mode: state_bytes(wl, cfg, mode) for mode in MODES},
                 "cost": None,
             }
-            if wl.name not in COST_SKIP:
+            if wl.name not in COST_SKIP and (not quick or wl.name in QUICK_COST):
                 print(f"  lowmem {wl.name} ({wl.description}), {cfg.name}", flush=True)
                 g["cost"] = measure_cost(wl, cfg, i, rounds, per_round)
                 print(

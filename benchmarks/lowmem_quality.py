@@ -9,8 +9,8 @@ digits CNN and the row-by-row GRU, 8 epochs, batch 32, test accuracy after each
 epoch; and a noisy quadratic, ``f(x) = 0.5 * sum(h * x**2)`` with ``h``
 log-spaced over [1e-3, 1] on 65536 coordinates and N(0, 0.1**2) gradient noise,
 4000 steps. Each is trained with every state format of :mod:`benchmarks.lowmem`
-(``float32``, ``bf16_sr``, ``int8``, plus ``int8_all`` when the package lets the
-8-bit minimum leaf size be set: every leaf quantized, none kept in float32) under
+(``float32``, ``bf16_sr``, ``int8``, plus ``int8_all``:
+``quantization=rmsprop_jax.Blockwise(min_size=0)``, every leaf quantized, none kept in float32) under
 two configurations with the same effective step size:
 
 * ``plain``: ``rmsprop(lr)`` (decay 0.9);
@@ -27,7 +27,6 @@ small model), and the state bytes per parameter. Outputs ``lowmem_quality.json``
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -64,8 +63,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def modes() -> dict[str, dict[str, Any]]:
     """The benchmark's state formats, plus int8 on every leaf where the package allows it."""
     out = dict(MODES)
-    if "min_8bit_size" in inspect.signature(rmsprop_jax.rmsprop).parameters:
-        out["int8_all"] = {"accumulator_dtype": "int8", "min_8bit_size": 0}
+    if hasattr(rmsprop_jax, "Blockwise"):
+        out["int8_all"] = {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(min_size=0)}
     return out
 
 

@@ -355,18 +355,20 @@ def plot(data: dict[str, Any], traces: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(DECAYS), figsize=(5 * len(DECAYS), 3.8), squeeze=False)
-    for ax, decay in zip(axes[0], DECAYS, strict=True):
+    panels = [("constant", d) for d in DECAYS] + [("noisy", DECAYS[-1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (gradient, decay) in zip(axes[0], panels, strict=True):
         for name in data["schemes"]:
-            key = ("bfloat16", "constant", decay, name)
+            key = ("bfloat16", gradient, decay, name)
             if key not in traces:
                 continue
             tr = traces[key]
             ax.plot(tr["nu_mean"], label=name)
-        ref = traces.get(("bfloat16", "constant", decay, "rtn_optax"))
+        ref = traces.get(("bfloat16", gradient, decay, "rtn_optax"))
         if ref is not None:
             ax.plot(ref["nu_ref_mean"], "k--", lw=1, label="float32")
-        ax.set_title(f"bfloat16 params, g = 1, decay {decay}")
+        g_text = "g = 1" if gradient == "constant" else "g ~ N(0, 1)"
+        ax.set_title(f"bfloat16 params, {g_text}, decay {decay}")
         ax.set_xlabel("step")
         ax.set_ylabel("mean nu")
         ax.grid(alpha=0.3)

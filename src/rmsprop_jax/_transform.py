@@ -23,6 +23,7 @@ from rmsprop_jax._state_codec import (
     Stochastic,
     Storage,
     is_quantized,
+    restore_quantized,
     stored_shape,
 )
 from rmsprop_jax._update import Flags, Scalars
@@ -311,6 +312,13 @@ def _make(
     def update_fn(
         updates: optax.Updates, state: RmsPropState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, RmsPropState]:
+        # A state that went through Flax NNX's Optimizer holds mappings: see restore_quantized.
+        if storage.int8:
+            state = state._replace(
+                nu=restore_quantized(state.nu),
+                mu=restore_quantized(state.mu),
+                trace=restore_quantized(state.trace),
+            )
         treedef = _check_structure(updates, state, params)
         if weight_decay is not None and params is None:
             raise ValueError(

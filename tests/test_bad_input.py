@@ -64,7 +64,7 @@ INVALID = [
     (rmsprop, {"learning_rate": 0.1, "weight_decay": NAN}, "weight_decay", "weight_decay >= 0"),
     (rmsprop, {"learning_rate": 0.1, "weight_decay": INF}, "weight_decay", "weight_decay >= 0"),
     (rmsprop, {"learning_rate": 0.1, "accumulator_dtype": jnp.int32}, "accumulator_dtype", "floating"),
-    (rmsprop, {"learning_rate": 0.1, "accumulator_dtype": "int8"}, "accumulator_dtype", "floating"),
+    (rmsprop, {"learning_rate": 0.1, "accumulator_dtype": "int16"}, "accumulator_dtype", "floating"),
     (rmsprop, {"learning_rate": 0.1, "accumulator_dtype": "no-such"}, "accumulator_dtype", "floating"),
     (rmsprop, {"learning_rate": 0.1, "accumulator_dtype": bool}, "accumulator_dtype", "floating"),
     (scale_by_rms, {"decay": 1.0}, "decay", "0 <= decay < 1"),
@@ -73,7 +73,7 @@ INVALID = [
     (scale_by_rms, {"eps": NAN}, "eps", "eps >= 0"),
     (scale_by_rms, {"initial_scale": -0.5}, "initial_scale", "initial_scale >= 0"),
     (scale_by_rms, {"initial_scale": INF}, "initial_scale", "initial_scale >= 0"),
-    (scale_by_rms, {"accumulator_dtype": jnp.int8}, "accumulator_dtype", "floating"),
+    (scale_by_rms, {"accumulator_dtype": jnp.int32}, "accumulator_dtype", "floating"),
 ]
 
 

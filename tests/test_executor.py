@@ -202,10 +202,10 @@ def test_wrong_executor_fails_the_comparison() -> None:
     """Mutation check: an executor that ignores static weight-decay masks must be caught."""
 
     def mask_ignoring(
-        flags: Any, scalars: Any, gs: Any, ps: Any, nus: Any, mus: Any, trs: Any, masks: Any
+        flags: Any, scalars: Any, gs: Any, ps: Any, nus: Any, mus: Any, trs: Any, masks: Any, **codecs: Any
     ) -> Any:
         masks = [True if m is False else m for m in masks]
-        return _executor.apply_leaves_reference(flags, scalars, gs, ps, nus, mus, trs, masks)
+        return _executor.apply_leaves_reference(flags, scalars, gs, ps, nus, mus, trs, masks, **codecs)
 
     kw = COMBOS["centered_nesterov_masked_wd"]
     fast = _run(_rmsprop(kw))

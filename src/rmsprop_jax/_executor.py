@@ -55,7 +55,6 @@ def _leaf_fn(
     static: tuple[tuple[str, type, Any], ...],
     wd_static: bool | None,
     codecs: tuple[Codec, Codec, Codec] = _PLAIN3,
-    seed: int = 0,
 ) -> Callable[..., Any]:
     """A jitted ``rms_leaf`` (inside its storage codecs, see ``_state_codec.step_leaf``) with the
     static hyperparameters, the static mask and the codecs baked in.
@@ -77,8 +76,7 @@ def _leaf_fn(
     ) -> LeafOut:
         scalars = Scalars(**fixed, **dynamic)
         wd = wd_array if wd_static is None else wd_static
-        rnd = None if rounding is None else (seed, *rounding)
-        return step_leaf(flags, scalars, codecs, g, p, nu, mu, trace, wd, rnd)
+        return step_leaf(flags, scalars, codecs, g, p, nu, mu, trace, wd, rounding)
 
     return jax.jit(leaf)
 
@@ -93,12 +91,13 @@ def apply_leaves(
     traces: Sequence[Any],
     masks: Sequence[Any],
     codecs: Sequence[tuple[Codec, Codec, Codec]] | None = None,
-    rounding: tuple[int, Any] | None = None,
+    rounding: tuple[Any, Any] | None = None,
 ) -> list[LeafOut]:
     """``[step_leaf(flags, scalars, codecs, *leaf) for leaf in zip(...)]``, traced once per leaf signature.
 
     ``codecs``: per leaf, the storage codecs of (nu, mu, trace) (default: plain).
-    ``rounding``: ``(seed, step)`` for stochastic rounding; the leaf index is added here.
+    ``rounding``: ``(seed, step)`` for stochastic rounding (dynamic values); the leaf index
+    is added here.
     """
     values = {f.name: getattr(scalars, f.name) for f in dataclasses.fields(scalars)}
     static = tuple((k, type(v), v) for k, v in values.items() if _is_static(v))
@@ -110,8 +109,8 @@ def apply_leaves(
         zip(gs, ps, nus, mus, traces, masks, codecs, strict=True)
     ):
         wd_static = mask if isinstance(mask, bool) else None
-        fn = _leaf_fn(flags, static, wd_static, cs, seed)
-        rnd = None if step is None or cs == _PLAIN3 else (step, np.uint32(i))
+        fn = _leaf_fn(flags, static, wd_static, cs)
+        rnd = None if step is None or cs == _PLAIN3 else (seed, step, np.uint32(i))
         outs.append(fn(dynamic, g, p, nu, mu, trace, None if wd_static is not None else mask, rnd))
     return outs
 
@@ -126,7 +125,7 @@ def apply_leaves_reference(
     traces: Sequence[Any],
     masks: Sequence[Any],
     codecs: Sequence[tuple[Codec, Codec, Codec]] | None = None,
-    rounding: tuple[int, Any] | None = None,
+    rounding: tuple[Any, Any] | None = None,
 ) -> list[LeafOut]:
     """The straightforward loop, op by op: what :func:`apply_leaves` must reproduce bit for bit."""
     codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)

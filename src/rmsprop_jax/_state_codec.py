@@ -164,6 +164,16 @@ def restore_quantized(tree: Any) -> Any:
     )
 
 
+def reject_quantized(state: Any, where: str) -> None:
+    """Raise a clear ValueError if any accumulator of ``state`` is 8-bit (for the interop exports)."""
+    if any(is_quantized(x) for x in jax.tree.leaves(state, is_leaf=is_quantized)):
+        raise ValueError(
+            f"{where}: the state holds 8-bit block-wise accumulators (accumulator_dtype='int8'), which "
+            "the target framework's RMSprop cannot hold. Export from a float32-state optimizer, or "
+            "decode the QuantizedLeaf nodes yourself with rmsprop_jax.dequantize_blockwise."
+        )
+
+
 def stored_shape(x: Any) -> tuple[int, ...]:
     return tuple(x.codes.shape) if is_quantized(x) else tuple(jnp.shape(x))
 
@@ -183,7 +193,7 @@ class Storage:
     int8: bool = False
     blockwise: Blockwise = Blockwise()
     stochastic: bool | None = None
-    seed: int = 0
+    seed: Any = 0  # an int, or an array under optax.inject_hyperparams
 
     @property
     def native_low_precision(self) -> bool:
@@ -226,7 +236,7 @@ def step_leaf(
     mu: Any,
     trace: Any,
     wd_on: bool | Array,
-    rounding: tuple[int, Array, Array] | None = None,
+    rounding: tuple[Any, Any, Any] | None = None,
 ) -> tuple[Array, Any, Any, Any]:
     """Decode the accumulators, :func:`rms_leaf`, encode them.
 

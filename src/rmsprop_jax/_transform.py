@@ -83,7 +83,9 @@ def _check_dtype(name: str, dtype: Any) -> Any:
     except TypeError:
         raise ValueError(f"{name}={dtype!r} is not a dtype; allowed: a floating dtype or None.") from None
     if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"{name}={dtype!r} is not a floating dtype; allowed: a floating dtype or None.")
+        raise ValueError(
+            f"{name}={dtype!r} is not a floating dtype; allowed: a floating dtype, 'int8' or None."
+        )
     return dt
 
 
@@ -102,8 +104,13 @@ def _storage(
             f"stochastic_rounding={stochastic_rounding!r} is invalid; allowed: None (automatic: on for "
             "bfloat16/float16 accumulators), True or False (round to nearest, as optax)."
         )
-    if not isinstance(rounding_seed, (int, np.integer)) or not 0 <= int(rounding_seed) < 2**32:
-        raise ValueError(f"rounding_seed={rounding_seed!r} is invalid; allowed: an integer in [0, 2**32).")
+    # optax.inject_hyperparams passes numbers as (possibly traced) arrays: checked when concrete.
+    if not isinstance(rounding_seed, jax.core.Tracer):
+        seed = np.asarray(rounding_seed)
+        if seed.shape != () or seed.dtype.kind not in "iu" or not 0 <= int(seed) < 2**32:
+            raise ValueError(
+                f"rounding_seed={rounding_seed!r} is invalid; allowed: an integer in [0, 2**32)."
+            )
     if quantization is not None and not isinstance(quantization, Blockwise):
         raise ValueError(
             f"quantization={quantization!r} is invalid; allowed: None or rmsprop_jax.Blockwise(...)."
@@ -116,7 +123,7 @@ def _storage(
         int8=int8,
         blockwise=quantization or Blockwise(),
         stochastic=stochastic_rounding,
-        seed=int(rounding_seed),
+        seed=rounding_seed,
     )
     if int8:
         return jnp.dtype(jnp.float32), storage

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax._state_codec import reject_quantized
 from rmsprop_jax._transform import RmsPropState
 
 __all__ = ["from_keras", "from_pytorch", "to_keras", "to_pytorch"]
@@ -173,6 +174,7 @@ def to_pytorch(state: RmsPropState, state_dict: dict[str, Any]) -> dict[str, Any
     """
     import torch  # the only function here that needs it
 
+    reject_quantized(state, "to_pytorch")
     nus = jax.tree.leaves(state.nu)
     ids, centered, momentum = _torch_groups(state_dict, len(nus))
     if centered and state.mu is None:
@@ -273,6 +275,7 @@ def to_keras(state: RmsPropState, optimizer: Any) -> None:
       TypeError: not a (built) Keras 3 RMSprop. ValueError: counts, shapes or
       layouts (centered, momentum) do not match.
     """
+    reject_quantized(state, "to_keras")
     nus = jax.tree.leaves(state.nu)
     velocities, averages, momentums = _keras_slots(optimizer, len(nus))
     if bool(averages) != (state.mu is not None):

@@ -26,9 +26,9 @@ Schemes (rows of the table):
 
 * ``rtn_optax``: ``optax.rmsprop`` on low-precision params: accumulators in the
   param dtype, every operation rounded to nearest (what optax users get).
-* ``rtn_once``: ``rmsprop_jax.rmsprop`` rounding nu to nearest once per step from
-  the float32 update (the package's behaviour before issue 12; with the package's
-  ``stochastic_rounding=False`` opt-out where that keyword exists).
+* ``rtn_optout``: ``rmsprop_jax.rmsprop(..., stochastic_rounding=False)``, the
+  opt-out that restores optax's round-to-nearest numbers (before issue 12, without
+  that keyword: the package's default, rounding nu once per step from float32).
 * ``sr``: ``rmsprop_jax.rmsprop(..., stochastic_rounding=True)``: the package's
   stochastic rounding (skipped when the installed package does not have it).
 * ``f32_acc``: ``rmsprop_jax.rmsprop(..., accumulator_dtype=jnp.float32)``:
@@ -176,9 +176,10 @@ def schemes() -> list[Scheme]:
             find_nu,
         ),
         Scheme(
-            "rtn_once",
-            "rmsprop_jax, nu rounded to nearest once per step"
-            + (" (stochastic_rounding=False)" if sr else " (package default before issue 12)"),
+            "rtn_optout",
+            "rmsprop_jax, stochastic_rounding=False (optax's round to nearest)"
+            if sr
+            else "rmsprop_jax default before issue 12: nu rounded to nearest once per step",
             lambda d: rmsprop_jax.rmsprop(LR, d, EPS, **rtn_kw),
             find_nu,
         ),
@@ -299,6 +300,42 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.2f} %"
 
 
+def _window(data: dict[str, Any], pname: str, gradient: str, decay: float, scheme: str) -> dict[str, Any]:
+    """The last window (end of the run) of one accuracy row."""
+    for r in data["accuracy"]:
+        if (r["param_dtype"], r["gradient"], r["decay"], r["scheme"]) == (pname, gradient, decay, scheme):
+            return dict(r["windows"][-1])
+    raise KeyError((pname, gradient, decay, scheme))
+
+
+def summary_table(data: dict[str, Any]) -> list[str]:
+    """One row per scheme and param dtype: the figures the choice of default rests on."""
+    steps = data["settings"]["steps"]
+    lines = [
+        f"## Summary (after {steps} steps; errors relative to float32 params and accumulators)",
+        "",
+        "| params | scheme | state B/param | step err, g = 1, decay 0.9 / 0.99 / 0.999 "
+        "| nu err, noisy g, 0.9 / 0.99 / 0.999 | nu per-element RMS, noisy, 0.999 | step cost / rtn_optax |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pname in data["param_dtypes"]:
+        for scheme in data["schemes"]:
+            c = data["cost"][pname][scheme]
+            step = " / ".join(
+                f"{100 * _window(data, pname, 'constant', d, scheme)['step_mean_rel_err']:+.2f}"
+                for d in DECAYS
+            )
+            nu = " / ".join(
+                f"{100 * _window(data, pname, 'noisy', d, scheme)['nu_mean_rel_err']:+.2f}" for d in DECAYS
+            )
+            rms = 100 * _window(data, pname, "noisy", DECAYS[-1], scheme)["nu_rms_dev"]
+            lines.append(
+                f"| {pname} | {scheme} | {c['state_bytes_per_param']:.0f} | {step} % | {nu} % | {rms:.2f} % "
+                f"| {c['ratio_to_rtn_optax']:.2f} |"
+            )
+    return [*lines, ""]
+
+
 def to_markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
@@ -313,6 +350,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         "Schemes: " + "; ".join(f"**{k}**: {v}" for k, v in data["schemes"].items()) + ".",
         "",
     ]
+    lines += summary_table(data)
     for pname in data["param_dtypes"]:
         for gradient in data["gradients"]:
             lines += [

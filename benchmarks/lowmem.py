@@ -195,6 +195,17 @@ def markdown(data: dict[str, Any]) -> str:
         ms = [f"{c[x]['median_ms']:.3g} ({c[x]['p25_ms']:.3g}–{c[x]['p75_ms']:.3g})" for x in modes]
         ratios = [f"**{c[mode]['ratio_to_float32']:.2f}**" for mode in modes[1:]]
         lines.append(f"| {g['workload_description']} | {g['config']} | " + " | ".join(ms + ratios) + " |")
+    lines += [
+        "",
+        "**Compile** (lower + compile of the donated step), seconds.",
+        "",
+        "| workload | config | " + " | ".join(modes) + " |",
+        "|---|---|" + "---|" * len(modes),
+    ]
+    for g in data["groups"]:
+        if g["cost"] is not None:
+            cells = [f"{g['cost'][x]['compile_s']:.2f}" for x in modes]
+            lines.append(f"| {g['workload_description']} | {g['config']} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 

@@ -112,8 +112,8 @@ def train_digits(
 def train_quadratic(config: str, mode_kw: dict[str, Any], seed: int, steps: int, n: int) -> dict[str, Any]:
     """Noisy quadratic; the loss recorded every step (noise-free value of f)."""
     h = jnp.asarray(np.logspace(-3, 0, n), jnp.float32)
-    key = jax.random.key(seed)
-    x0 = {"x": jax.random.normal(jax.random.fold_in(key, -1), (n,), jnp.float32)}
+    init_key, key = jax.random.split(jax.random.key(seed))
+    x0 = {"x": jax.random.normal(init_key, (n,), jnp.float32)}
     tx = make_tx("quadratic", config, mode_kw)
 
     def body(carry: Any, t: Any) -> tuple[Any, Any]:

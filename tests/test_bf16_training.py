@@ -74,6 +74,7 @@ def late_accuracy(data: ex.Digits, dtype: Any, tx: optax.GradientTransformation,
     return 100 * float(np.mean(hist.test_acc[-3:]))
 
 
+@pytest.mark.slow
 def test_bf16_cnn_default_reaches_float32_accuracy(data: ex.Digits) -> None:
     seeds = (0, 1)
     tx_f32, tx_default = rmsprop_jax.rmsprop(LR), rmsprop_jax.rmsprop(LR)  # one compile per model dtype

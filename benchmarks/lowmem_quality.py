@@ -296,10 +296,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
                     color=style["color"],
                     label=f"{r['model']} {mode}",
                 )
-        ax[0].set_title(f"CNN training loss (seed {seed0}), {config}")
-        ax[1].set_title(f"GRU training loss (seed {seed0}), {config}")
-        ax[2].set_title(f"test accuracy % (mean over seeds; CNN solid, GRU dashed), {config}")
-        ax[3].set_title(f"noisy quadratic f(x) (seed {seed0}), {config}")
+        ax[0].set_title(f"CNN train loss, {config}", fontsize=9)
+        ax[1].set_title(f"GRU train loss, {config}", fontsize=9)
+        ax[2].set_title(f"test acc % (seed mean; CNN -, GRU --), {config}", fontsize=9)
+        ax[3].set_title(f"noisy quadratic f(x), {config}", fontsize=9)
         for a in ax:
             a.grid(alpha=0.3)
             a.legend(fontsize=7)

@@ -196,3 +196,18 @@ def test_hash_bits_are_uniform():
         counts = np.bincount(((bits >> shift) & 0xFF).astype(np.int64), minlength=256)
         chi2 = ((counts - bits.size / 256) ** 2 / (bits.size / 256)).sum()
         assert chi2 < 400, (shift, chi2)  # 255 degrees of freedom: p ~ 1e-8 at 400
+
+
+def test_bfloat16_fast_path_equals_the_general_rule_bit_for_bit():
+    """bfloat16's 4-operation path (add 16 random bits, truncate) against the general
+    significand/exponent rule that float16 uses, on uniformly random float32 bit patterns
+    (every binade, subnormals, the largest values, inf; NaN apart)."""
+    rng = np.random.default_rng(5)
+    patterns = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    patterns[:4] = [0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x00000001]
+    x = jnp.asarray(patterns.view(np.float32))
+    x = jnp.where(jnp.isnan(x), 1.0, x)
+    bits = jnp.asarray(rng.integers(0, 2**32, x.shape, dtype=np.uint64).astype(np.uint32))
+    fast = Q.stochastic_round(x, jnp.bfloat16, bits)
+    general = jax.jit(Q.stochastic_round_general, static_argnums=1)(x, jnp.bfloat16, bits)
+    np.testing.assert_array_equal(np.asarray(fast).view(np.uint16), np.asarray(general).view(np.uint16))

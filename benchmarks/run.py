@@ -510,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(data, indent=1))
     report.write_outputs(data, out)
     print(f"wrote {out}/results.json, results.md, results.png in {data['wall_s']:.0f} s")
+    if args.only is None or "lowmem" in args.only.split(","):  # state formats: benchmarks/lowmem.py
+        from benchmarks import lowmem  # imports this module: not at the top
+
+        lowmem.write_outputs(lowmem.run_section(args.quick), out)
+        print(f"wrote {out}/lowmem.json, lowmem.md, lowmem.png")
     return 0
 
 

@@ -110,11 +110,12 @@ CONFIGS = [
 ]
 
 
-def make_rmsprop_jax(cfg: Config) -> Any:
+def make_rmsprop_jax(cfg: Config, **extra: Any) -> Any:
+    """``rmsprop_jax.rmsprop`` for ``cfg``; ``extra`` keywords (e.g. a state format) passed on."""
     import rmsprop_jax
 
     return rmsprop_jax.rmsprop(
-        LR, DECAY, EPS, centered=cfg.centered, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        LR, DECAY, EPS, centered=cfg.centered, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **extra
     )
 
 

@@ -99,3 +99,35 @@ def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "results.md").read_text() == (quick_run / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quick_lowmem_section(quick_run: Path) -> None:
+    """The low-memory section (benchmarks/lowmem.py): bytes per parameter and step-cost ratios."""
+    data = json.loads((quick_run / "lowmem.json").read_text())
+    assert set(data["modes"]) == {"float32", "bf16_sr", "int8"}
+    assert {(g["workload"], g["config"]) for g in data["groups"]} == {
+        (w, c)
+        for w in ("large_leaf", "leaves_512", "leaves_2000", "transformer")
+        for c in ("plain", "centered_momentum_wd")
+    }
+    for g in data["groups"]:
+        accumulators = 1 if g["config"] == "plain" else 3
+        b = {mode: v["bytes_per_param"] for mode, v in g["bytes"].items()}
+        assert b["float32"] == pytest.approx(4 * accumulators, rel=1e-3)
+        assert b["bf16_sr"] == pytest.approx(2 * accumulators, rel=1e-2)
+        if g["workload"] == "leaves_2000":  # every leaf below 4096 elements: int8 keeps float32
+            assert g["bytes"]["int8"]["quantized_share"] == 0
+            assert b["int8"] == pytest.approx(b["float32"])
+            continue
+        # one code byte per element + one float32 absmax per 256-element block
+        assert g["bytes"]["int8"]["quantized_share"] > 0.9
+        assert b["int8"] < 1.2 * accumulators * (1 + 4 / 256)
+        if g["workload"] != "large_leaf":  # --quick times the large leaf only
+            assert g["cost"] is None
+            continue
+        for mode, c in g["cost"].items():
+            assert c["median_ms"] > 0 and c["ratio_to_float32"] > 0, (g["workload"], mode, c)
+    md = (quick_run / "lowmem.md").read_text()
+    assert "| workload | config | float32 | bf16_sr | int8 |" in md and "nan" not in md.lower()
+    assert (quick_run / "lowmem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -106,14 +106,27 @@ class RowRNN(nnx.Module):
         return self.head(self.rnn(seq)[:, -1])
 
 
-def make_model(kind: str, seed: int = 0) -> nnx.Module:
-    """``"cnn"``, ``"gru"`` or ``"lstm"``, initialised from ``seed``."""
+def make_model(kind: str, seed: int = 0, param_dtype: Any = None) -> nnx.Module:
+    """``"cnn"``, ``"gru"`` or ``"lstm"``, initialised from ``seed``.
+
+    ``param_dtype`` (e.g. ``jnp.bfloat16``) casts every ``nnx.Param`` after the
+    float32 initialisation, so a low-precision model starts from the float32
+    model's weights rounded to nearest. Activations follow JAX's promotion
+    (float32 inputs keep the arithmetic in float32); the gradients, and so the
+    optimizer's accumulators, come in the parameters' dtype.
+    """
     rngs = nnx.Rngs(seed)
+    model: nnx.Module
     if kind == "cnn":
-        return CNN(rngs=rngs)
-    if kind in ("gru", "lstm"):
-        return RowRNN(rngs=rngs, cell=kind)
-    raise ValueError(f"kind={kind!r} is not a model; allowed: 'cnn', 'gru', 'lstm'.")
+        model = CNN(rngs=rngs)
+    elif kind in ("gru", "lstm"):
+        model = RowRNN(rngs=rngs, cell=kind)
+    else:
+        raise ValueError(f"kind={kind!r} is not a model; allowed: 'cnn', 'gru', 'lstm'.")
+    if param_dtype is not None:
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda x: x.astype(param_dtype), params))
+    return model
 
 
 def _loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:

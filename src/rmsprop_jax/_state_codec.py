@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -141,6 +142,26 @@ Codec = Plain | Stochastic | Quantized
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedLeaf)
+
+
+def _is_stored_quantized(x: Any) -> bool:
+    return is_quantized(x) or (isinstance(x, Mapping) and set(x.keys()) == set(QuantizedLeaf._fields))
+
+
+def restore_quantized(tree: Any) -> Any:
+    """``tree`` with each ``{"codes": ..., "absmax": ...}`` mapping turned back into a ``QuantizedLeaf``.
+
+    Flax NNX's ``nnx.Optimizer`` stores the state it gets back from ``update``
+    through ``nnx.state``, which turns every NamedTuple below a Variable into an
+    ``nnx.State`` mapping with the same field names; on the next step ``update``
+    receives ``State(absmax=..., codes=...)`` where it returned a ``QuantizedLeaf``.
+    """
+    if tree is None:
+        return None
+    to_leaf = lambda x: x if is_quantized(x) else QuantizedLeaf(x["codes"], x["absmax"])
+    return jax.tree.map(
+        lambda x: to_leaf(x) if _is_stored_quantized(x) else x, tree, is_leaf=_is_stored_quantized
+    )
 
 
 def reject_quantized(state: Any, where: str) -> None:

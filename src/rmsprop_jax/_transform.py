@@ -24,6 +24,7 @@ from rmsprop_jax._state_codec import (
     Stochastic,
     Storage,
     is_quantized,
+    restore_quantized,
     stored_shape,
 )
 from rmsprop_jax._update import Flags, Scalars
@@ -352,6 +353,13 @@ def _make(
         **extra_args: Any,
     ) -> tuple[optax.Updates, RmsPropState]:
         del extra_args  # optax's convention: keywords other transformations need are accepted and ignored
+        # A state that went through Flax NNX's Optimizer holds mappings: see restore_quantized.
+        if storage.int8:
+            state = state._replace(
+                nu=restore_quantized(state.nu),
+                mu=restore_quantized(state.mu),
+                trace=restore_quantized(state.trace),
+            )
         treedef = _check_structure(updates, state, params)
         if weight_decay is not None and params is None:
             raise ValueError(

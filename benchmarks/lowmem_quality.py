@@ -1,0 +1,342 @@
+"""Training quality with low-memory optimizer state: float32 vs bf16-SR vs int8 accumulators.
+
+    python -m benchmarks.lowmem_quality                 # 2 seeds, ~10-15 minutes on 2 loaded cores
+    python -m benchmarks.lowmem_quality --quick         # 1 seed, 2 epochs, short quadratic
+    python -m benchmarks.lowmem_quality --render benchmarks/results/cpu-2core/lowmem_quality.json
+
+Models (notebook 02's, from ``rmsprop_jax._examples``, float32 parameters): the
+digits CNN and the row-by-row GRU, 8 epochs, batch 32, test accuracy after each
+epoch; and a noisy quadratic, ``f(x) = 0.5 * sum(h * x**2)`` with ``h``
+log-spaced over [1e-3, 1] on 65536 coordinates and N(0, 0.1**2) gradient noise,
+4000 steps. Each is trained with every state format of :mod:`benchmarks.lowmem`
+(``float32``, ``bf16_sr``, ``int8``, plus ``int8_all``:
+``quantization=rmsprop_jax.Blockwise(min_size=0)``, every leaf quantized, none kept in float32) under
+two configurations with the same effective step size:
+
+* ``plain``: ``rmsprop(lr)`` (decay 0.9);
+* ``centered_momentum``: ``rmsprop(lr / 10, centered=True, momentum=0.9)``.
+
+Reported per (model, configuration, format): final test accuracy (mean over the
+seeds, and each seed), its difference to the float32 state, the final training
+loss, the share of accumulator elements stored in one byte (bitsandbytes' rule
+keeps leaves below 4096 elements in float32, so int8 does not apply to all of a
+small model), and the state bytes per parameter. Outputs ``lowmem_quality.json``,
+``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    _root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(_root), str(_root / "src")]
+else:
+    try:
+        import rmsprop_jax
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rmsprop_jax
+from benchmarks.lowmem import MODES
+from benchmarks.run import machine_info, machine_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+LRS = {"cnn": 1e-3, "gru": 3e-3, "quadratic": 1e-3}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "centered_momentum": {"centered": True, "momentum": 0.9, "lr_scale": 0.1},
+}
+
+
+def modes() -> dict[str, dict[str, Any]]:
+    """The benchmark's state formats, plus int8 on every leaf where the package allows it."""
+    out = dict(MODES)
+    if hasattr(rmsprop_jax, "Blockwise"):
+        out["int8_all"] = {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(min_size=0)}
+    return out
+
+
+def make_tx(model: str, config: str, mode_kw: dict[str, Any]) -> optax.GradientTransformation:
+    cfg = dict(CONFIGS[config])
+    lr = LRS[model] * cfg.pop("lr_scale", 1.0)
+    return rmsprop_jax.rmsprop(lr, **cfg, **mode_kw)
+
+
+def state_summary(state: Any, num_params: int, accumulators: int) -> dict[str, float]:
+    """State bytes per parameter and the share of accumulator elements kept in one byte."""
+    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
+    total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
+    one_byte = sum(int(np.prod(x.shape)) for x in leaves if jnp.dtype(x.dtype).itemsize == 1)
+    return {"bytes_per_param": total / num_params, "quantized_share": one_byte / (accumulators * num_params)}
+
+
+def _accumulators(config: str) -> int:
+    cfg = CONFIGS[config]
+    return 1 + int(cfg.get("centered", False)) + int(cfg.get("momentum") is not None)
+
+
+def train_digits(
+    model_kind: str, config: str, mode_kw: dict[str, Any], seed: int, epochs: int
+) -> dict[str, Any]:
+    from flax import nnx
+
+    from rmsprop_jax import _examples as ex
+
+    data = ex.digits(split_seed=0)
+    model = ex.make_model(model_kind, seed=seed)
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    tx = make_tx(model_kind, config, mode_kw)
+    t0 = time.perf_counter()
+    model, opt, hist = ex.fit(model, tx, data, epochs=epochs, seed=seed, eval_on="test")
+    return {
+        "test_acc": hist.test_acc,
+        "test_loss": hist.test_loss,
+        "train_loss": hist.train_loss,
+        "step_loss": hist.step_loss,
+        "wall_s": time.perf_counter() - t0,
+    } | state_summary(opt.opt_state, num_params, _accumulators(config))
+
+
+def train_quadratic(config: str, mode_kw: dict[str, Any], seed: int, steps: int, n: int) -> dict[str, Any]:
+    """Noisy quadratic; the loss recorded every step (noise-free value of f)."""
+    h = jnp.asarray(np.logspace(-3, 0, n), jnp.float32)
+    init_key, key = jax.random.split(jax.random.key(seed))
+    x0 = {"x": jax.random.normal(init_key, (n,), jnp.float32)}
+    tx = make_tx("quadratic", config, mode_kw)
+
+    def body(carry: Any, t: Any) -> tuple[Any, Any]:
+        x, s = carry
+        noise = 0.1 * jax.random.normal(jax.random.fold_in(key, t), (n,), jnp.float32)
+        g = {"x": h * x["x"] + noise}
+        u, s = tx.update(g, s, x)
+        x = optax.apply_updates(x, u)
+        return (x, s), 0.5 * jnp.sum(h * x["x"] ** 2)
+
+    t0 = time.perf_counter()
+    (_, state), losses = jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(steps)))((x0, tx.init(x0)))
+    losses = np.asarray(losses, np.float64)
+    return {
+        "loss": losses[:: max(steps // 400, 1)].tolist(),
+        "loss_every": max(steps // 400, 1),
+        "final_loss": float(losses[-max(steps // 20, 1) :].mean()),
+        "initial_loss": float(0.5 * jnp.sum(h * x0["x"] ** 2)),
+        "wall_s": time.perf_counter() - t0,
+    } | state_summary(state, n, _accumulators(config))
+
+
+def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
+    epochs = 2 if quick else 8
+    steps, n = (300, 1 << 13) if quick else (4000, 1 << 16)
+    all_modes = modes()
+    runs = []
+    t0 = time.perf_counter()
+    load = [round(os.getloadavg()[0], 2)]
+    for model_kind in ("cnn", "gru", "quadratic"):
+        for config in CONFIGS:
+            for mode, kw in all_modes.items():
+                for seed in seeds:
+                    if model_kind == "quadratic":
+                        r = train_quadratic(config, kw, seed, steps, n)
+                        summary = f"final loss {r['final_loss']:.4g}"
+                    else:
+                        r = train_digits(model_kind, config, kw, seed, epochs)
+                        summary = f"test acc {100 * r['test_acc'][-1]:.2f} %"
+                    runs.append({"model": model_kind, "config": config, "mode": mode, "seed": seed} | r)
+                    print(
+                        f"{model_kind:9s} {config:17s} {mode:8s} seed {seed}: {summary}, "
+                        f"{r['bytes_per_param']:.3f} B/param, "
+                        f"8-bit share {100 * r['quantized_share']:.0f} %, "
+                        f"{r['wall_s']:.1f} s",
+                        flush=True,
+                    )
+    load.append(round(os.getloadavg()[0], 2))
+    return {
+        "timestamp_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": quick,
+        "machine": machine_info(),
+        "settings": {
+            "epochs": epochs,
+            "quadratic_steps": steps,
+            "quadratic_n": n,
+            "seeds": seeds,
+            "lrs": LRS,
+        },
+        "modes": {m: {k: str(v) for k, v in kw.items()} for m, kw in all_modes.items()},
+        "configs": {c: {k: str(v) for k, v in kw.items()} for c, kw in CONFIGS.items()},
+        "runs": runs,
+        "loadavg_1min": load,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def summary_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (model, config, mode): means over seeds and the difference to float32."""
+    rows = []
+    runs = data["runs"]
+    for model_kind in ("cnn", "gru", "quadratic"):
+        for config in data["configs"]:
+            base = None
+            for mode in data["modes"]:
+                rs = [r for r in runs if (r["model"], r["config"], r["mode"]) == (model_kind, config, mode)]
+                if not rs:
+                    continue
+                if model_kind == "quadratic":
+                    value = float(np.mean([r["final_loss"] for r in rs]))
+                    per_seed = [r["final_loss"] for r in rs]
+                else:
+                    value = float(np.mean([100 * r["test_acc"][-1] for r in rs]))
+                    per_seed = [100 * r["test_acc"][-1] for r in rs]
+                if mode == "float32":
+                    base = value
+                rows.append(
+                    {
+                        "model": model_kind,
+                        "config": config,
+                        "mode": mode,
+                        "value": value,
+                        "per_seed": per_seed,
+                        "vs_float32": None if base is None else value - base,
+                        "rel_vs_float32": None if base is None else value / base - 1,
+                        "bytes_per_param": rs[0]["bytes_per_param"],
+                        "quantized_share": rs[0]["quantized_share"],
+                    }
+                )
+    return rows
+
+
+def markdown(data: dict[str, Any]) -> str:
+    m, st = data["machine"], data["settings"]
+    lines = [
+        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['platform']}), jax {m['jax']}; "
+        f"load average {data['loadavg_1min']}; {data['timestamp_utc']}. "
+        f"{'Quick mode. ' if data['quick'] else ''}"
+        f"Digits: {st['epochs']} epochs, batch 32, seeds {st['seeds']}; quadratic: {st['quadratic_steps']} "
+        f"steps on {st['quadratic_n']} coordinates. lr {st['lrs']} (x0.1 with momentum 0.9).",
+        "",
+        "| model | config | state | final test acc % (mean; per seed) | vs float32 (points) "
+        "| state B/param | accumulators in 8 bits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary_rows(data):
+        if r["model"] == "quadratic":
+            continue
+        seeds = ", ".join(f"{v:.2f}" for v in r["per_seed"])
+        diff = "–" if r["mode"] == "float32" else f"{r['vs_float32']:+.2f}"
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['mode']} | {r['value']:.2f} ({seeds}) | {diff} "
+            f"| {r['bytes_per_param']:.3f} | {100 * r['quantized_share']:.0f} % |"
+        )
+    lines += [
+        "",
+        "| model | config | state | final loss (mean of last 5 %; per seed) | vs float32 | state B/param "
+        "| accumulators in 8 bits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary_rows(data):
+        if r["model"] != "quadratic":
+            continue
+        seeds = ", ".join(f"{v:.4g}" for v in r["per_seed"])
+        diff = "–" if r["mode"] == "float32" else f"{100 * r['rel_vs_float32']:+.2f} %"
+        lines.append(
+            f"| noisy quadratic | {r['config']} | {r['mode']} | {r['value']:.4g} ({seeds}) | {diff} "
+            f"| {r['bytes_per_param']:.3f} | {100 * r['quantized_share']:.0f} % |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(data["configs"])
+    fig, axes = plt.subplots(len(configs), 4, figsize=(18, 3.8 * len(configs)), squeeze=False)
+    seed0 = data["settings"]["seeds"][0]
+    for row, config in enumerate(configs):
+        ax = axes[row]
+        for j, mode in enumerate(data["modes"]):
+            style = {"color": f"C{j}", "label": mode}
+            for r in data["runs"]:
+                if (r["config"], r["mode"], r["seed"]) != (config, mode, seed0):
+                    continue
+                if r["model"] == "quadratic":
+                    x = np.arange(len(r["loss"])) * r["loss_every"]
+                    ax[3].semilogy(x, r["loss"], **style)
+                    continue
+                col = 0 if r["model"] == "cnn" else 1
+                w = 20
+                sm = np.convolve(np.asarray(r["step_loss"]), np.ones(w) / w, "valid")
+                ax[col].semilogy(sm, **style)
+                same = [
+                    q
+                    for q in data["runs"]
+                    if (q["model"], q["config"], q["mode"]) == (r["model"], config, mode)
+                ]
+                accs = 100 * np.mean([q["test_acc"] for q in same], axis=0)
+                ax[2].plot(
+                    np.arange(1, len(accs) + 1),
+                    accs,
+                    marker="o",
+                    ms=3,
+                    ls="-" if r["model"] == "cnn" else "--",
+                    color=style["color"],
+                    label=f"{r['model']} {mode}",
+                )
+        ax[0].set_title(f"CNN train loss, {config}", fontsize=9)
+        ax[1].set_title(f"GRU train loss, {config}", fontsize=9)
+        ax[2].set_title(f"test acc % (seed mean; CNN -, GRU --), {config}", fontsize=9)
+        ax[3].set_title(f"noisy quadratic f(x), {config}", fontsize=9)
+        for a in ax:
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        ax[2].set_ylim(80, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(data: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lowmem_quality.json").write_text(json.dumps(data))
+    (out / "lowmem_quality.md").write_text(markdown(data))
+    plot(data, out / "lowmem_quality.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.lowmem_quality", description=(__doc__ or "").split("\n")[0]
+    )
+    ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, short quadratic")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; quick 0)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--render", type=Path, default=None, help="only rebuild .md/.png from this JSON")
+    args = ap.parse_args(argv)
+    if args.render is not None:
+        write_outputs(json.loads(args.render.read_text()), args.out or args.render.parent)
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1])
+    data = run(args.quick, seeds)
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        machine_tag(data["machine"]) + ("-quick" if args.quick else "")
+    )
+    write_outputs(data, out)
+    print(f"wrote {out}/lowmem_quality.json, .md, .png in {data['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,10 @@ import rmsprop_jax
 from rmsprop_jax import _quantize as Q
 
 
+def _round_bf16(v: jax.Array) -> jax.Array:
+    return Q.stochastic_round(v, jnp.bfloat16, Q.hash_bits(Q.hash_key(7, 3, 1), v.shape))
+
+
 def main() -> int:
     cpu, acc = jax.devices("cpu")[0], jax.devices()[0]
     rng = np.random.default_rng(0)
@@ -41,8 +45,7 @@ def main() -> int:
             xd = jax.device_put(x, dev)
             codes, absmax = jax.jit(lambda v: rmsprop_jax.quantize_blockwise(v, block_size=256))(xd)
             back = jax.jit(lambda c, a: rmsprop_jax.dequantize_blockwise(c, a, block_size=256))(codes, absmax)
-            bits = lambda v: Q.hash_bits(Q.hash_key(7, 3, 1), v.shape)
-            sr = jax.jit(lambda v: Q.stochastic_round(v, jnp.bfloat16, bits(v)))(xd)
+            sr = jax.jit(_round_bf16)(xd)
             outs.append([np.asarray(a).view(np.uint8) for a in (codes, absmax, back, sr)])
         same = [np.array_equal(a, b) for a, b in zip(*outs, strict=True)]
         bad += not all(same)

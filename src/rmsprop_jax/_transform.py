@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax import _packed
 from rmsprop_jax._executor import apply_leaves
 from rmsprop_jax._update import Flags, Scalars
 
@@ -27,7 +28,9 @@ class RmsPropState(NamedTuple):
 
     Attributes:
       count: number of steps taken (int32 scalar); drives schedules and bias correction.
-      nu: exponential moving average of squared gradients, one leaf per parameter.
+      nu: exponential moving average of squared gradients, one leaf per parameter
+        (with ``packed=True``: a :class:`~rmsprop_jax._packed.PackedTree`, one flat buffer
+        per leaf group; ``.unpack()`` gives the per-parameter tree).
       mu: exponential moving average of gradients (``centered=True``), else ``None``.
       trace: momentum buffer (``momentum`` not ``None``), else ``None``.
     """
@@ -70,6 +73,12 @@ def _check_dtype(name: str, dtype: Any) -> Any:
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"{name}={dtype!r} is not a floating dtype; allowed: a floating dtype or None.")
     return dt
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} is not a bool; allowed: True or False.")
+    return bool(value)
 
 
 def _validate_core(decay: Any, eps: Any, initial_scale: Any) -> None:
@@ -164,7 +173,8 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_util.PyTreeDef:
     """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
-    nu_def = jax.tree.structure(state.nu)
+    packed = _packed.structure(state.nu)
+    nu_def, nu_shapes = packed or (jax.tree.structure(state.nu), [jnp.shape(x) for x in jax.tree.leaves(state.nu)])
     if treedef != nu_def:
         raise ValueError(
             "the gradient tree does not match the optimizer state.\n"
@@ -173,12 +183,12 @@ def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_u
         )
     paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
     ps = treedef.flatten_up_to(params) if params is not None else [None] * len(paths_grads)
-    for (path, g), nu, p in zip(paths_grads, jax.tree.leaves(state.nu), ps, strict=True):
+    for (path, g), nu_shape, p in zip(paths_grads, nu_shapes, ps, strict=True):
         name = jax.tree_util.keystr(path) or "<root>"
-        if jnp.shape(g) != jnp.shape(nu):
+        if jnp.shape(g) != nu_shape:
             raise ValueError(
                 f"gradient leaf {name} has shape {jnp.shape(g)} "
-                f"but its state (and so its parameter) has shape {jnp.shape(nu)}."
+                f"but its state (and so its parameter) has shape {nu_shape}."
             )
         g_dtype = jnp.result_type(g)
         if not jnp.issubdtype(g_dtype, jnp.inexact):
@@ -229,11 +239,29 @@ def _make(
     decoupled_weight_decay: bool,
     weight_decay_mask: MaskOrFn | None,
     accumulator_dtype: Any,
+    packed: bool = False,
 ) -> optax.GradientTransformation:
     """Build the transformation. ``weight_decay`` is ``None`` when statically off."""
 
     def init_fn(params: optax.Params) -> RmsPropState:
+        if packed:
+            return _init_packed(params)
         return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype)
+
+    def _init_packed(params: optax.Params) -> RmsPropState:
+        treedef = jax.tree.structure(params)
+        masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else None
+        layout = _packed.build_layout(
+            params,
+            lambda path, p: _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype),
+            masks,
+        )
+        return RmsPropState(
+            count=jnp.zeros([], jnp.int32),
+            nu=_packed.full(layout, initial_scale, "nu"),
+            mu=_packed.full(layout, 0, "acc") if flags.centered else None,
+            trace=_packed.full(layout, 0, "acc") if flags.momentum else None,
+        )
 
     def update_fn(
         updates: optax.Updates, state: RmsPropState, params: optax.Params | None = None
@@ -258,6 +286,13 @@ def _make(
         )
         n = treedef.num_leaves
         gs = treedef.flatten_up_to(updates)
+        if packed:  # one flat buffer per leaf group: see _packed
+            masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
+            ps_ = treedef.flatten_up_to(params) if weight_decay is not None else None
+            outs_, nu_, mu_, tr_ = _packed.update(
+                flags, scalars, gs, ps_, masks, state.nu, state.mu, state.trace
+            )
+            return treedef.unflatten(outs_), RmsPropState(count=count_inc, nu=nu_, mu=mu_, trace=tr_)
         nus = treedef.flatten_up_to(state.nu)
         mus = treedef.flatten_up_to(state.mu) if flags.centered else [None] * n
         trs = treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n
@@ -298,6 +333,7 @@ def rmsprop(
     lr_in_momentum: bool = True,
     maximize: bool = False,
     accumulator_dtype: Any | None = None,
+    packed: bool = False,
 ) -> optax.GradientTransformation:
     r"""RMSProp as an Optax gradient transformation; a drop-in for :func:`optax.rmsprop`.
 
@@ -353,6 +389,13 @@ def rmsprop(
       accumulator_dtype: dtype of ``nu``, ``mu`` and the momentum buffer;
         default: each parameter's dtype. The arithmetic always runs in at
         least float32 and updates come back in the gradients' dtype.
+      packed: store each accumulator as one flat buffer per group of leaves
+        (same accumulator dtypes and static weight-decay mask) instead of one
+        array per parameter: fewer arrays at the ``jit`` boundary and one
+        update kernel per group, for trees of many small leaves. Same numbers
+        as ``packed=False``. ``state.nu`` is then a ``PackedTree``
+        (``state.nu.unpack()`` is the per-parameter tree). Not for parameters
+        sharded across devices (raises). See ``rmsprop_jax._packed``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is :class:`RmsPropState`.
@@ -405,6 +448,7 @@ def rmsprop(
         decoupled_weight_decay=bool(decoupled_weight_decay),
         weight_decay_mask=weight_decay_mask,
         accumulator_dtype=_check_dtype("accumulator_dtype", accumulator_dtype),
+        packed=_check_bool("packed", packed),
     )
 
 
@@ -417,6 +461,7 @@ def scale_by_rms(
     *,
     centered: bool = False,
     accumulator_dtype: Any | None = None,
+    packed: bool = False,
 ) -> optax.GradientTransformation:
     r"""The RMSProp preconditioner alone, :math:`g \mapsto g / \sqrt{v_t + \epsilon}`.
 
@@ -424,6 +469,7 @@ def scale_by_rms(
     :func:`optax.scale_by_stddev`; the equations are :func:`rmsprop`'s without
     the learning rate, momentum and weight decay. Chain it with
     ``optax.scale_by_learning_rate`` (or anything else) as usual.
+    ``packed=True`` stores ``nu`` (and ``mu``) as flat buffers, as in :func:`rmsprop`.
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax
@@ -449,4 +495,5 @@ def scale_by_rms(
         decoupled_weight_decay=False,
         weight_decay_mask=None,
         accumulator_dtype=_check_dtype("accumulator_dtype", accumulator_dtype),
+        packed=_check_bool("packed", packed),
     )

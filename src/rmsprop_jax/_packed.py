@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -93,7 +93,7 @@ class PackedTree:
 
     __slots__ = ("buffers", "layout")
 
-    def __init__(self, buffers: Sequence[Any], layout: Layout) -> None:
+    def __init__(self, buffers: Iterable[Any], layout: Layout) -> None:
         self.buffers = tuple(buffers)
         self.layout = layout
 
@@ -157,7 +157,7 @@ def build_layout(
     return Layout(treedef, tuple(groups))
 
 
-def full(layout: Layout, value: Any, which: str) -> PackedTree:
+def full(layout: Layout, value: Any, which: str) -> Any:  # a PackedTree; Any to fit optax's state types
     """A packed accumulator filled with ``value``; ``which`` is ``"nu"`` or ``"acc"`` (mu, trace)."""
     return PackedTree(
         [jnp.full((g.size,), value, g.nu_dtype if which == "nu" else g.acc_dtype) for g in layout.groups],
@@ -274,18 +274,23 @@ def _packed_fn(
     """
     fixed = {name: value for name, _, value in static}
 
-    def update(dynamic: dict[str, Any], gs: list[Any], ps: list[Any], nus: Any, mus: Any, trs: Any, masks: Any):
+    def update(
+        dynamic: dict[str, Any], gs: list[Any], ps: list[Any], nus: Any, mus: Any, trs: Any, masks: Any
+    ) -> tuple[list[Any], tuple[list[Any], list[Any], list[Any]]]:
         scalars = Scalars(**fixed, **dynamic)
         n = layout.treedef.num_leaves
         updates: list[Any] = [None] * n
-        new = ([], [], [])
+        new: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
         for k, group in enumerate(layout.groups):
             g_dtype = jnp.result_type(*(gs[i] for i in group.leaves)) if group.leaves else group.acc_dtype
             g = _gather(gs, group, g_dtype)
             p = _gather(ps, group, jnp.result_type(*(ps[i] for i in group.leaves))) if has_params else None
             if wd_static[k] is None:  # array masks: one boolean per element
                 wd_on: Any = _gather(
-                    [jnp.broadcast_to(jnp.asarray(m, bool), s) for m, s in zip(masks[k], group.shapes)],
+                    [
+                        jnp.broadcast_to(jnp.asarray(m, bool), s)
+                        for m, s in zip(masks[k], group.shapes, strict=True)
+                    ],
                     dataclasses.replace(group, leaves=tuple(range(len(group.leaves)))),
                     bool,
                 )
@@ -309,13 +314,14 @@ def update(
     gs: list[Any],
     ps: list[Any] | None,
     masks: list[Any],
-    nu: PackedTree,
-    mu: PackedTree | None,
-    trace: PackedTree | None,
-) -> tuple[list[Any], PackedTree, PackedTree | None, PackedTree | None]:
+    nu: Any,
+    mu: Any,
+    trace: Any,
+) -> tuple[list[Any], Any, Any, Any]:
     """One RMSProp step on packed accumulators: gather, one :func:`rms_leaf` per group, split.
 
-    ``gs``/``ps``/``masks`` are per leaf, in the order of the flattened parameter tree.
+    ``gs``/``ps``/``masks`` are per leaf, in the order of the flattened parameter tree;
+    ``nu``/``mu``/``trace`` are :class:`PackedTree` (or ``None``), typed ``Any`` for optax's state types.
     Returns the per-leaf updates (in each gradient's dtype) and the new packed accumulators.
     """
     layout = nu.layout

@@ -174,7 +174,10 @@ def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_u
     """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
     packed = _packed.structure(state.nu)
-    nu_def, nu_shapes = packed or (jax.tree.structure(state.nu), [jnp.shape(x) for x in jax.tree.leaves(state.nu)])
+    nu_def, nu_shapes = packed or (
+        jax.tree.structure(state.nu),
+        [jnp.shape(x) for x in jax.tree.leaves(state.nu)],
+    )
     if treedef != nu_def:
         raise ValueError(
             "the gradient tree does not match the optimizer state.\n"
@@ -287,7 +290,9 @@ def _make(
         n = treedef.num_leaves
         gs = treedef.flatten_up_to(updates)
         if packed:  # one flat buffer per leaf group: see _packed
-            masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
+            masks = (
+                _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
+            )
             ps_ = treedef.flatten_up_to(params) if weight_decay is not None else None
             outs_, nu_, mu_, tr_ = _packed.update(
                 flags, scalars, gs, ps_, masks, state.nu, state.mu, state.trace

@@ -3,6 +3,7 @@
     python -m benchmarks.experiments executors [--leaves 2000 --size 64]
     python -m benchmarks.experiments arithmetic [--size 16777216]
     python -m benchmarks.experiments packing [--leaves 500 --size 64]
+    python -m benchmarks.experiments ravel [--leaves 500]
 
 ``executors``: the same optimizer step (plain RMSProp + apply_updates, donated)
 on ``leaves`` x ``size`` float32 leaves with each executor; prints lowering,
@@ -10,7 +11,10 @@ compile and step times, the number of XLA kernels and whether the result is
 bit-identical to the per-leaf loop. ``arithmetic``: forms of ``g / sqrt(v + eps)``
 on one large leaf. ``packing``: the formulations tried for gathering ``leaves`` arrays
 into one flat buffer and splitting one back (compile time, run time), each in its own
-jit. Measurements are interleaved; on a shared machine repeat them.
+jit. ``ravel``: a whole training step (an MLP of ``leaves / 2`` small layers) with the
+params as a tree (per-leaf, packed, optax) or raveled into one vector that the forward
+pass unravels (the README recipe). Measurements are interleaved; on a shared machine
+repeat them.
 """
 
 from __future__ import annotations
@@ -288,9 +292,70 @@ def packing(leaves: int, size: int, rounds: int) -> None:
         print(f"  {name:60s} {c:7.2f} {np.median(times[name]) * 1e3:8.3f}")
 
 
+def ravel(leaves: int, rounds: int) -> None:
+    """Training-step cost of the raveled-vector recipe against the tree layouts."""
+    from jax.flatten_util import ravel_pytree
+
+    layers, width, batch = leaves // 2, 16, 32
+    rng = np.random.default_rng(0)
+    params = {
+        f"l{i:04d}": {
+            "w": jnp.asarray(rng.standard_normal((width, width), dtype=np.float32) / 4),
+            "b": jnp.zeros(width, jnp.float32),
+        }
+        for i in range(layers)
+    }
+    x = jnp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
+
+    def loss_fn(p: Any) -> Any:
+        h = x
+        for i in range(layers):
+            h = jnp.tanh(h @ p[f"l{i:04d}"]["w"] + p[f"l{i:04d}"]["b"])
+        return jnp.mean(h**2)
+
+    flat, unravel = ravel_pytree(params)
+    variants = {
+        "tree, rmsprop_jax per-leaf": (rmsprop_jax.rmsprop(1e-3), params, loss_fn),
+        "tree, rmsprop_jax packed=True": (rmsprop_jax.rmsprop(1e-3, packed=True), params, loss_fn),
+        "tree, optax": (optax.rmsprop(1e-3), params, loss_fn),
+        "raveled vector (one leaf), unravel in the loss": (
+            rmsprop_jax.rmsprop(1e-3),
+            flat,
+            lambda f: loss_fn(unravel(f)),
+        ),
+    }
+    cases: dict[str, Any] = {}
+    for name, (opt, p0, loss) in variants.items():
+
+        def step(p: Any, s: Any, opt: Any = opt, loss: Any = loss) -> Any:
+            g = jax.grad(loss)(p)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p = jax.tree.map(jnp.copy, p0)
+        s = opt.init(p)
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, s).compile()
+        cases[name] = [compiled, p, s, time.perf_counter() - t0]
+        print(f"  compiled {name}: {cases[name][3]:.2f} s", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in cases}
+    for r in range(rounds):
+        for name in list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]:
+            c = cases[name]
+
+            def run(c: list[Any] = c) -> Any:
+                c[1], c[2] = c[0](c[1], c[2])
+                return c[1]
+
+            times[name] += _time(run, 3)
+    print(f"MLP of {layers} layers {width}x{width} ({2 * layers} leaves), batch {batch}: compile s, step ms")
+    for name, c in cases.items():
+        print(f"  {name:50s} {c[3]:7.2f} {np.median(times[name]) * 1e3:8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments")
-    ap.add_argument("what", choices=["executors", "arithmetic", "packing"])
+    ap.add_argument("what", choices=["executors", "arithmetic", "packing", "ravel"])
     ap.add_argument("--leaves", type=int, default=2000)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=8)
@@ -298,6 +363,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "executors":
         executors(args.leaves, args.size or 64, args.rounds, args.skip_grouped)
+    elif args.what == "ravel":
+        ravel(args.leaves, args.rounds)
     elif args.what == "packing":
         packing(args.leaves, args.size or 64, args.rounds)
     else:

@@ -494,10 +494,15 @@ def main(argv: list[str] | None = None) -> int:
             for donate in (True, False):
                 JaxCase(make(cfg), tiny, tiny, donate)()
     out.mkdir(parents=True, exist_ok=True)
-    if only is None or "manyleaf" in only:
+    if only is None or "manyleaf" in only:  # --only manyleaf[,tree,...]: the many-leaf section
         print("many-leaf section", flush=True)
         section = manyleaf.run_section(
-            args.quick, args.budget, interleave, make_tree, torch_cuda=torch_device == "cuda"
+            set(only or []) - {"manyleaf"},
+            args.quick,
+            args.budget,
+            interleave,
+            make_tree,
+            torch_cuda=torch_device == "cuda",
         )
         ml = {
             "schema": 1,

@@ -288,16 +288,39 @@ def run_section(
     interleave: Callable[..., Any],
     make_tree: Callable[..., Any],
     torch_cuda: bool,
+    loop: bool = True,
+    on_group: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Measure every (tree, config) group; ``on_group`` gets the section so far after each one
+    (so that a run stopped by a time limit keeps what it measured)."""
     t_start = time.perf_counter()
     rounds, per_round, loop_rounds = (2, 2, 2) if quick else (5, 2, 3)
-    groups, skipped = [], []
+    groups: list[dict[str, Any]] = []
+    skipped: list[str] = []
+
+    def section() -> dict[str, Any]:
+        return {
+            "settings": {
+                "rounds": rounds,
+                "steps_per_round": per_round,
+                "loop_rounds": loop_rounds,
+                "budget_s": budget_s,
+            },
+            "groups": groups,
+            "skipped": skipped,
+            "wall_s": time.perf_counter() - t_start,
+        }
+
     for i, wl in enumerate(manyleaf_workloads(quick)):
-        if names and wl.name not in names:
+        if names and {w.name for w in manyleaf_workloads(quick)} & names and wl.name not in names:
             continue
         # 2000 x 4k: the loop programs compile for minutes on XLA:CPU; dispatched + compile only there
         k_loop = 5 if quick else (None if wl.num_leaves * wl.num_params > 10**9 else 20)
+        if not loop:
+            k_loop = None
         for cfg in CONFIGS:
+            if names and {c.name for c in CONFIGS} & names and cfg.name not in names:
+                continue  # --only manyleaf,<tree>,<config>
             if budget_s is not None and time.perf_counter() - t_start > budget_s:
                 skipped.append(f"{wl.name}/{cfg.name}")
                 continue
@@ -314,17 +337,9 @@ def run_section(
                 flush=True,
             )
             groups.append(g)
-    return {
-        "settings": {
-            "rounds": rounds,
-            "steps_per_round": per_round,
-            "loop_rounds": loop_rounds,
-            "budget_s": budget_s,
-        },
-        "groups": groups,
-        "skipped": skipped,
-        "wall_s": time.perf_counter() - t_start,
-    }
+            if on_group is not None:
+                on_group(section())
+    return section()
 
 
 def _f(x: float | None) -> str:

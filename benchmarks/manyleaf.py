@@ -315,7 +315,7 @@ def run_section(
         if names and {w.name for w in manyleaf_workloads(quick)} & names and wl.name not in names:
             continue
         # 2000 x 4k: the loop programs compile for minutes on XLA:CPU; dispatched + compile only there
-        k_loop = 5 if quick else (None if wl.num_leaves * wl.num_params > 10**9 else 20)
+        k_loop = 5 if quick else (None if wl.num_leaves >= 1000 and wl.num_params > 4_000_000 else 20)
         if not loop:
             k_loop = None
         for cfg in CONFIGS:

@@ -405,6 +405,19 @@ def test_many_leaves_of_one_shape():
     )
 
 
+def test_big_and_small_leaves_mixed():
+    """Leaves >= 16k elements are copied in with dynamic_update_slice after the small ones."""
+    rng = np.random.default_rng(1)
+    shapes = {"emb": (130, 128), "b": (7,), "w": (128, 129), "s": (), "v": (40,)}
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    grads = [jax.tree.map(lambda x, t=t: x * 0.1 + t, params) for t in range(2)]
+    kw = dict(learning_rate=0.01, momentum=0.9, weight_decay=0.01)
+    out = _run_pair(rmsprop_jax.rmsprop(**kw), rmsprop_jax.rmsprop(**kw, packed=True), params, grads)
+    _assert_pair_equal(out)
+    (group,) = out[0][1][1].nu.layout.groups
+    assert [sorted(params)[i] for i in group.leaves] == ["b", "s", "v", "emb", "w"]
+
+
 def test_orbax_save_restore_continues_bit_for_bit(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     params, grads = _trees()

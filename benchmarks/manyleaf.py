@@ -316,6 +316,8 @@ def run_section(
             continue
         # 2000 x 4k: the loop programs compile for minutes on XLA:CPU; dispatched + compile only there
         k_loop = 5 if quick else (None if wl.num_leaves >= 1000 and wl.num_params > 4_000_000 else 20)
+        if k_loop and not quick and wl.num_params > 4_000_000:
+            k_loop = 3  # big trees: a step is tens of ms, a few per loop suffice
         if not loop:
             k_loop = None
         for cfg in CONFIGS:

@@ -199,12 +199,13 @@ def measure(
     torch_cuda: bool,
     interleave: Callable[..., dict[str, list[float]]],
     make_tree: Callable[..., Any],
+    impls_selected: list[str] | None = None,
 ) -> dict[str, Any]:
     params = make_tree(wl.shapes, seed=seed)
     grads = make_tree(wl.shapes, seed=100 + seed, scale=1e-2)
     n = wl.num_params
     cases: dict[str, StepCase] = {}
-    for name in IMPLS:  # compiles in a fixed order; every figure below is interleaved
+    for name in impls_selected or IMPLS:  # compiles in a fixed order; every figure below is interleaved
         if name == "one_leaf":
             flat = {"flat": jnp.ones((n,), jnp.float32)}
             cases[name] = StepCase(make_impl(name, cfg), flat, {"flat": flat["flat"] * 1e-2}, k_loop)
@@ -258,6 +259,8 @@ def measure(
         impls[name] = st
 
     def ratio(a: str, what: str) -> float | None:
+        if a not in impls:
+            return None
         x, y = impls[a], impls["optax"]
         if what == "compile":
             return x["compile_s"] / y["compile_s"]
@@ -290,6 +293,7 @@ def run_section(
     torch_cuda: bool,
     loop: bool = True,
     on_group: Callable[[dict[str, Any]], None] | None = None,
+    impls: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every (tree, config) group; ``on_group`` gets the section so far after each one
     (so that a run stopped by a time limit keeps what it measured)."""
@@ -327,7 +331,9 @@ def run_section(
                 skipped.append(f"{wl.name}/{cfg.name}")
                 continue
             print(f"  many-leaf: {wl.description}, {cfg.name}", flush=True)
-            g = measure(wl, cfg, i, rounds, per_round, loop_rounds, k_loop, torch_cuda, interleave, make_tree)
+            g = measure(
+                wl, cfg, i, rounds, per_round, loop_rounds, k_loop, torch_cuda, interleave, make_tree, impls
+            )
             r = g["vs_optax"]
             print(
                 "    vs optax: "

@@ -458,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated workload names to run; 'manyleaf' for the many-leaf section",
     )
     ap.add_argument(
+        "--impls",
+        default=None,
+        help="many-leaf section: comma-separated subset of default,packed,optax,optax.flatten,one_leaf "
+        "(optax is always needed for the ratios)",
+    )
+    ap.add_argument(
         "--no-loop", action="store_true", help="many-leaf section: skip the in-loop (fori_loop) programs"
     )
     ap.add_argument(
@@ -522,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             torch_cuda=torch_device == "cuda",
             loop=not args.no_loop,
             on_group=save,
+            impls=None if args.impls is None else args.impls.split(","),
         )
         save(section)
         print(

@@ -40,6 +40,7 @@ from benchmarks.workloads import (
     _uniform,
     make_optax,
     make_rmsprop_jax,
+    make_torch,
     transformer_shapes,
 )
 
@@ -142,25 +143,13 @@ class TorchGraphCase:
     def __init__(self, cfg: Config, params: Any, grads: Any) -> None:
         import torch
 
-        from benchmarks.workloads import DECAY, EPS, LR
-
         self.torch = torch
         ps = []
         for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(grads), strict=True):
             t = torch.tensor(np.asarray(p), device="cuda", requires_grad=True)
             t.grad = torch.tensor(np.asarray(g), device="cuda")
             ps.append(t)
-        opt = torch.optim.RMSprop(
-            ps,
-            lr=LR,
-            alpha=DECAY,
-            eps=EPS,
-            centered=cfg.centered,
-            momentum=cfg.momentum or 0.0,
-            weight_decay=cfg.weight_decay or 0.0,
-            foreach=True,
-            capturable=True,
-        )
+        opt = make_torch(cfg, ps, capturable=True)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -213,14 +213,9 @@ def measure(
     p_pk = cases["packed"].step(jax.tree.map(jnp.copy, params), make_impl("packed", cfg).init(params), grads)[
         0
     ]
-    diff = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(p_def), jax.tree.leaves(p_pk), strict=True)
-    )
-    bitwise = all(
-        bool(jnp.array_equal(a, b))
-        for a, b in zip(jax.tree.leaves(p_def), jax.tree.leaves(p_pk), strict=True)
-    )
+    from benchmarks.run import compare_trees  # run imports this module: import here
+
+    diff, bitwise = compare_trees(p_def, p_pk)
     del p_def, p_pk
 
     timers: dict[str, Callable[[], float]] = {k: c.dispatched for k, c in cases.items()}

@@ -2,12 +2,19 @@
 
     python -m benchmarks.experiments executors [--leaves 2000 --size 64]
     python -m benchmarks.experiments arithmetic [--size 16777216]
+    python -m benchmarks.experiments packing [--leaves 500 --size 64]
+    python -m benchmarks.experiments ravel [--leaves 500]
 
 ``executors``: the same optimizer step (plain RMSProp + apply_updates, donated)
 on ``leaves`` x ``size`` float32 leaves with each executor; prints lowering,
 compile and step times, the number of XLA kernels and whether the result is
 bit-identical to the per-leaf loop. ``arithmetic``: forms of ``g / sqrt(v + eps)``
-on one large leaf. Measurements are interleaved; on a shared machine repeat them.
+on one large leaf. ``packing``: the formulations tried for gathering ``leaves`` arrays
+into one flat buffer and splitting one back (compile time, run time), each in its own
+jit. ``ravel``: a whole training step (an MLP of ``leaves / 2`` small layers) with the
+params as a tree (per-leaf, packed, optax) or raveled into one vector that the forward
+pass unravels (the README recipe). Measurements are interleaved; on a shared machine
+repeat them.
 """
 
 from __future__ import annotations
@@ -213,9 +220,142 @@ def arithmetic(size: int, steps: int) -> None:
         print(f"  {name:40s} {np.median(a):7.2f} ({np.percentile(a, 25):.2f}-{np.percentile(a, 75):.2f})")
 
 
+def _split_slices(flat: Any, n: int, size: int) -> list[Any]:
+    return [flat[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _split_index_gather(flat: Any, n: int, size: int) -> list[Any]:
+    idx = np.arange(n * size, dtype=np.int32)
+    return [flat[idx[i * size : (i + 1) * size]] for i in range(n)]
+
+
+def _split_row_gather(flat: Any, n: int, size: int) -> list[Any]:
+    from rmsprop_jax._packed import _take
+
+    return [_take(flat, i * size, (size,)) for i in range(n)]
+
+
+def _gather_concat(xs: list[Any]) -> Any:
+    return jnp.concatenate(xs)
+
+
+def _gather_tree(xs: list[Any]) -> Any:
+    from rmsprop_jax._packed import _concat
+
+    return _concat(xs)
+
+
+def _gather_dus(xs: list[Any]) -> Any:
+    out = jnp.zeros(sum(x.size for x in xs), xs[0].dtype)
+    offset = 0
+    for x in xs:
+        out = jax.lax.dynamic_update_slice(out, x, (offset,))
+        offset += x.size
+    return out
+
+
+SPLITS = {
+    "slices": _split_slices,
+    "gather, one index per element": _split_index_gather,
+    "row gather (kept)": _split_row_gather,
+}
+GATHERS = {
+    "one concatenate": _gather_concat,
+    "2-level concatenate tree + barrier (kept)": _gather_tree,
+    "dynamic_update_slice chain": _gather_dus,
+}
+
+
+def packing(leaves: int, size: int, rounds: int) -> None:
+    """Compile and run time of each way to split a flat buffer into leaves / gather leaves into one."""
+    params = [jnp.full((size,), 1.0 + i * 1e-3, jnp.float32) for i in range(leaves)]
+    flat = jnp.zeros(leaves * size, jnp.float32)
+    fns: dict[str, Any] = {}
+    for name, split in SPLITS.items():
+        fns[f"split: {name} (+ p + u per leaf)"] = lambda ps, u, split=split: [
+            p + x for p, x in zip(ps, split(u, leaves, size), strict=True)
+        ]
+    for name, gather in GATHERS.items():
+        fns[f"gather: {name} (+ nu update)"] = lambda ps, u, gather=gather: 0.9 * u + 0.1 * gather(ps) ** 2
+    cases = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(params, flat).compile()
+        cases[name] = (compiled, time.perf_counter() - t0)
+        print(f"  compiled {name}: {cases[name][1]:.2f} s", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in cases}
+    for r in range(rounds):
+        for name in list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]:
+            times[name] += _time(lambda name=name: cases[name][0](params, flat), 3)
+    print(f"{leaves} leaves x {size}: compile s, run ms (median)")
+    for name, (_, c) in cases.items():
+        print(f"  {name:60s} {c:7.2f} {np.median(times[name]) * 1e3:8.3f}")
+
+
+def ravel(leaves: int, rounds: int) -> None:
+    """Training-step cost of the raveled-vector recipe against the tree layouts."""
+    from jax.flatten_util import ravel_pytree
+
+    layers, width, batch = leaves // 2, 16, 32
+    rng = np.random.default_rng(0)
+    params = {
+        f"l{i:04d}": {
+            "w": jnp.asarray(rng.standard_normal((width, width), dtype=np.float32) / 4),
+            "b": jnp.zeros(width, jnp.float32),
+        }
+        for i in range(layers)
+    }
+    x = jnp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
+
+    def loss_fn(p: Any) -> Any:
+        h = x
+        for i in range(layers):
+            h = jnp.tanh(h @ p[f"l{i:04d}"]["w"] + p[f"l{i:04d}"]["b"])
+        return jnp.mean(h**2)
+
+    flat, unravel = ravel_pytree(params)
+    variants = {
+        "tree, rmsprop_jax per-leaf": (rmsprop_jax.rmsprop(1e-3), params, loss_fn),
+        "tree, rmsprop_jax packed=True": (rmsprop_jax.rmsprop(1e-3, packed=True), params, loss_fn),
+        "tree, optax": (optax.rmsprop(1e-3), params, loss_fn),
+        "raveled vector (one leaf), unravel in the loss": (
+            rmsprop_jax.rmsprop(1e-3),
+            flat,
+            lambda f: loss_fn(unravel(f)),
+        ),
+    }
+    cases: dict[str, Any] = {}
+    for name, (opt, p0, loss) in variants.items():
+
+        def step(p: Any, s: Any, opt: Any = opt, loss: Any = loss) -> Any:
+            g = jax.grad(loss)(p)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p = jax.tree.map(jnp.copy, p0)
+        s = opt.init(p)
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, s).compile()
+        cases[name] = [compiled, p, s, time.perf_counter() - t0]
+        print(f"  compiled {name}: {cases[name][3]:.2f} s", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in cases}
+    for r in range(rounds):
+        for name in list(cases)[r % len(cases) :] + list(cases)[: r % len(cases)]:
+            c = cases[name]
+
+            def run(c: list[Any] = c) -> Any:
+                c[1], c[2] = c[0](c[1], c[2])
+                return c[1]
+
+            times[name] += _time(run, 3)
+    print(f"MLP of {layers} layers {width}x{width} ({2 * layers} leaves), batch {batch}: compile s, step ms")
+    for name, c in cases.items():
+        print(f"  {name:50s} {c[3]:7.2f} {np.median(times[name]) * 1e3:8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments")
-    ap.add_argument("what", choices=["executors", "arithmetic"])
+    ap.add_argument("what", choices=["executors", "arithmetic", "packing", "ravel"])
     ap.add_argument("--leaves", type=int, default=2000)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=8)
@@ -223,6 +363,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "executors":
         executors(args.leaves, args.size or 64, args.rounds, args.skip_grouped)
+    elif args.what == "ravel":
+        ravel(args.leaves, args.rounds)
+    elif args.what == "packing":
+        packing(args.leaves, args.size or 64, args.rounds)
     else:
         arithmetic(args.size or 1 << 24, args.rounds)
 

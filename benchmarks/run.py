@@ -5,11 +5,14 @@ Run from the repository root::
     python -m benchmarks.run            # full run (a few minutes on 2 CPU cores)
     python -m benchmarks.run --quick    # < 1 minute, small sizes (what the test runs)
     python benchmarks/run.py --quick    # the same, as a script
+    python -m benchmarks.run --only manyleaf [--budget 240]   # only the many-leaf section
 
 Results land in ``benchmarks/results/<machine-tag>/`` (``--out`` to change):
 ``results.json`` (everything measured), ``results.md`` (the tables) and
-``results.png`` (the plot). ``--render results.json`` rebuilds the Markdown
-and the plot from an existing JSON without measuring.
+``results.png`` (the plot); the many-leaf section (``benchmarks/manyleaf.py``) writes
+``manyleaf.json``, ``manyleaf.md`` and ``manyleaf.png`` beside them. ``--render
+results.json`` (or ``manyleaf.json``) rebuilds the Markdown and the plot from an
+existing JSON without measuring.
 
 What one "step" is: ``updates, state = opt.update(grads, state, params);
 params = optax.apply_updates(params, updates)`` in one ``jax.jit``, with
@@ -47,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import report
+from benchmarks import manyleaf, report
 from benchmarks.workloads import (
     CONFIGS,
     Config,
@@ -248,6 +251,13 @@ def _stats(ts: list[float]) -> dict[str, Any]:
     }
 
 
+def compare_trees(a: Any, b: Any) -> tuple[float, bool]:
+    """(largest |a - b| over all leaves, whether every leaf is bit-identical)."""
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    diff = max((float(jnp.max(jnp.abs(x - y), initial=0.0)) for x, y in pairs), default=0.0)
+    return diff, all(bool(jnp.array_equal(x, y)) for x, y in pairs)
+
+
 # --------------------------------------------------------------------------- one group
 
 
@@ -276,14 +286,7 @@ def measure_group(
     ours, ref = jax_cases["rmsprop_jax/not_donated"], jax_cases["optax/not_donated"]
     p_ours = ours.one_step(params, make_rmsprop_jax(cfg).init(params))[0]
     p_ref = ref.one_step(params, make_optax(cfg).init(params))[0]
-    diffs = [
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref), strict=True)
-    ]
-    bitwise = all(
-        bool(jnp.array_equal(a, b))
-        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref), strict=True)
-    )
+    max_diff, bitwise = compare_trees(p_ours, p_ref)
     del p_ours, p_ref
 
     cases: dict[str, Timer] = dict(jax_cases)
@@ -351,7 +354,7 @@ def measure_group(
                 "rmsprop_jax/not_donated", "optax/not_donated", "lower_plus_compile_s"
             ),
         },
-        "numerics_vs_optax": {"bit_identical": bitwise, "max_abs_diff_params": max(diffs)},
+        "numerics_vs_optax": {"bit_identical": bitwise, "max_abs_diff_params": max_diff},
         "loadavg_1min": [load_before, load_after],
     }
 
@@ -449,7 +452,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (< 1 minute)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default results/<machine-tag>)")
-    ap.add_argument("--only", default=None, help="comma-separated workload names to run")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated workload names to run; 'manyleaf' for the many-leaf section",
+    )
+    ap.add_argument(
+        "--impls",
+        default=None,
+        help="many-leaf section: comma-separated subset of default,packed,optax,optax.flatten,one_leaf "
+        "(optax is always needed for the ratios)",
+    )
+    ap.add_argument(
+        "--no-loop", action="store_true", help="many-leaf section: skip the in-loop (fori_loop) programs"
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="many-leaf section: start no new group after this many seconds",
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
     ap.add_argument("--no-training-step", action="store_true", help="skip the jit/donation MLP section")
     ap.add_argument("--render", type=Path, default=None, help="only rebuild .md/.png from this JSON")
@@ -457,14 +479,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render is not None:
         data = json.loads(args.render.read_text())
-        report.write_outputs(data, args.out or args.render.parent)
+        if "manyleaf" in data:
+            _write_manyleaf(data, args.out or args.render.parent)
+        else:
+            report.write_outputs(data, args.out or args.render.parent)
         return 0
 
     info = machine_info()
     out = args.out or ROOT / "benchmarks" / "results" / (machine_tag(info) + ("-quick" if args.quick else ""))
     rounds, per_round = (3, 2) if args.quick else (8, 3)
     torch_device = None if args.no_torch else _torch_device()
-    selected = [w for w in workloads(args.quick) if args.only is None or w.name in args.only.split(",")]
+    only = None if args.only is None else args.only.split(",")
+    selected = [w for w in workloads(args.quick) if only is None or w.name in only]
     print(
         f"machine: {info['cpu_model']} ({info['cpu_cores']} cores), {info['platform']} {info['device_kind']}"
     )
@@ -476,6 +502,40 @@ def main(argv: list[str] | None = None) -> int:
         for make in (make_rmsprop_jax, make_optax):
             for donate in (True, False):
                 JaxCase(make(cfg), tiny, tiny, donate)()
+    out.mkdir(parents=True, exist_ok=True)
+    if only is None or "manyleaf" in only:  # --only manyleaf[,tree,...]: the many-leaf section
+        print("many-leaf section", flush=True)
+
+        def save(section: dict[str, Any]) -> dict[str, Any]:
+            ml = {
+                "schema": 1,
+                "timestamp_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "quick": args.quick,
+                "machine": info,
+                "loadavg_1min_end": _loadavg(),
+                "manyleaf": section,
+            }
+            (out / "manyleaf.json").write_text(json.dumps(ml, indent=1))
+            _write_manyleaf(ml, out)
+            return ml
+
+        section = manyleaf.run_section(
+            set(only or []) - {"manyleaf"},
+            args.quick,
+            args.budget,
+            interleave,
+            make_tree,
+            torch_cuda=torch_device == "cuda",
+            loop=not args.no_loop,
+            on_group=save,
+            impls=None if args.impls is None else args.impls.split(","),
+        )
+        save(section)
+        print(
+            f"wrote {out}/manyleaf.json, manyleaf.md, manyleaf.png in {section['wall_s']:.0f} s", flush=True
+        )
+        if only is not None and not selected:
+            return 0
     groups = []
     for i, wl in enumerate(selected):
         params = make_tree(wl.shapes, seed=i)
@@ -506,7 +566,6 @@ def main(argv: list[str] | None = None) -> int:
         "training_step": training,
         "wall_s": time.perf_counter() - t_start,
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(data, indent=1))
     report.write_outputs(data, out)
     print(f"wrote {out}/results.json, results.md, results.png in {data['wall_s']:.0f} s")
@@ -516,6 +575,16 @@ def main(argv: list[str] | None = None) -> int:
         lowmem.write_outputs(lowmem.run_section(args.quick), out)
         print(f"wrote {out}/lowmem.json, lowmem.md, lowmem.png")
     return 0
+
+
+def _write_manyleaf(data: dict[str, Any], out: Path) -> None:
+    m = data["machine"]
+    machine = (
+        f"{m['cpu_model']}, {m['cpu_cores']} cores; JAX device {m['platform']} ({m['device_kind']}); "
+        f"jax {m['jax']}, optax {m['optax']}, torch {m.get('torch') or '-'}"
+    )
+    (out / "manyleaf.md").write_text(manyleaf.markdown(data, machine))
+    manyleaf.plot(data, out / "manyleaf.png")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def make_optax(cfg: Config) -> Any:
     return opt
 
 
-def make_torch(cfg: Config, params: list[Any]) -> Any:
+def make_torch(cfg: Config, params: list[Any], **extra: Any) -> Any:
+    """``torch.optim.RMSprop(foreach=True)``, the config's hyperparameters; ``extra``: e.g. capturable."""
     import torch
 
     return torch.optim.RMSprop(
@@ -141,4 +142,5 @@ def make_torch(cfg: Config, params: list[Any]) -> Any:
         momentum=cfg.momentum or 0.0,
         weight_decay=cfg.weight_decay or 0.0,
         foreach=True,
+        **extra,
     )

@@ -131,3 +131,25 @@ def test_quick_lowmem_section(quick_run: Path) -> None:
     md = (quick_run / "lowmem.md").read_text()
     assert "| workload | config | float32 | bf16_sr | int8 |" in md and "nan" not in md.lower()
     assert (quick_run / "lowmem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_manyleaf_section(quick_run: Path) -> None:
+    """The many-leaf section: every layout, both configs, the three figures and the packed check."""
+    data = json.loads((quick_run / "manyleaf.json").read_text())
+    groups = data["manyleaf"]["groups"]
+    assert {g["config"] for g in groups} == {"plain", "centered_momentum_wd"}
+    for g in groups:
+        impls = g["impls"]
+        for name in ("default", "packed", "optax", "optax.flatten", "one_leaf"):
+            st = impls[name]
+            assert st["dispatched"]["median_ms"] > 0 and st["in_loop"]["median_ms"] > 0, (name, st)
+            assert st["compile_s"] > 0 and st["kernels"] > 0 and st["arrays_in"] > 0, (name, st)
+        # packed: one array per accumulator group instead of one per leaf at the jit boundary
+        assert impls["packed"]["arrays_in"] < impls["default"]["arrays_in"]
+        assert impls["packed"]["kernels"] < impls["default"]["kernels"]
+        for layout in ("default", "packed", "optax.flatten", "one_leaf"):
+            assert all(v > 0 for v in g["vs_optax"][layout].values()), g["vs_optax"]
+        assert g["packed_vs_default"]["max_abs_diff_params"] < 1e-5, g["packed_vs_default"]
+    md = (quick_run / "manyleaf.md").read_text()
+    assert "| tree | config | measure |" in md and "nan" not in md.lower()
+    assert (quick_run / "manyleaf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ["quickstart", "ecosystem", "low-memory"]
+SECTIONS = ["quickstart", "ecosystem", "low-memory", "manyleaf"]
 
 
 def _blocks(section: str) -> list[str]:

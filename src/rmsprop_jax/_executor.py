@@ -24,7 +24,9 @@ passed as arguments.
 Measured alternatives (see ``benchmarks/README.md``): concatenating leaves of one
 dtype into a flat buffer and splitting the results back compiles 5-10x slower on
 XLA:CPU (each of the thousands of slices becomes its own kernel, and slice
-kernels are slow to compile) and steps no faster, so it is not used.
+kernels are slow to compile) and steps no faster, so it is not the default;
+``packed=True`` (:mod:`rmsprop_jax._packed`) stores the state that way and splits with
+row gathers, which compile like element-wise kernels.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax import _packed
 from rmsprop_jax._executor import apply_leaves
 from rmsprop_jax._state_codec import (
     DEFAULT_STORAGE,
@@ -38,7 +39,9 @@ class RmsPropState(NamedTuple):
 
     Attributes:
       count: number of steps taken (int32 scalar); drives schedules and bias correction.
-      nu: exponential moving average of squared gradients, one leaf per parameter.
+      nu: exponential moving average of squared gradients, one leaf per parameter
+        (with ``packed=True``: a :class:`~rmsprop_jax._packed.PackedTree`, one flat buffer
+        per leaf group; ``.unpack()`` gives the per-parameter tree).
       mu: exponential moving average of gradients (``centered=True``), else ``None``.
       trace: momentum buffer (``momentum`` not ``None``), else ``None``.
 
@@ -143,6 +146,12 @@ def _storage(
     return _check_dtype("accumulator_dtype", accumulator_dtype), storage
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} is not a bool; allowed: True or False.")
+    return bool(value)
+
+
 def _validate_core(decay: Any, eps: Any, initial_scale: Any) -> None:
     _check("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
     _check("eps", eps, lambda v: v >= 0, "eps >= 0")
@@ -183,6 +192,21 @@ def _accumulator_dtypes(param_dtype: Any, accumulator_dtype: Any) -> tuple[Any, 
     if jnp.issubdtype(param_dtype, jnp.complexfloating):
         return real, jnp.result_type(real, jnp.complex64)
     return real, base
+
+
+def _check_packable(params: Any, accumulator_dtype: Any, storage: Storage) -> None:
+    """``packed=True`` stores plain float buffers: 8-bit or stochastically rounded leaves raise."""
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype):
+            codec = storage.codec(tuple(p.shape), dt)
+            if codec is not PLAIN:
+                raise ValueError(
+                    f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
+                    f"({p.shape}, {jnp.dtype(dt)} accumulators) as {type(codec).__name__}: the packed "
+                    "layout holds plain float buffers. Use packed=False for 8-bit or stochastically "
+                    "rounded state, or stochastic_rounding=False (round to nearest, as optax) with "
+                    "low-precision accumulators."
+                )
 
 
 def _init_state(
@@ -247,7 +271,11 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_util.PyTreeDef:
     """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
-    nu_def = jax.tree.structure(state.nu, is_leaf=is_quantized)
+    packed = _packed.structure(state.nu)
+    nu_def, nu_shapes = packed or (
+        jax.tree.structure(state.nu, is_leaf=is_quantized),
+        [stored_shape(x) for x in jax.tree.leaves(state.nu, is_leaf=is_quantized)],
+    )
     if treedef != nu_def:
         raise ValueError(
             "the gradient tree does not match the optimizer state.\n"
@@ -256,14 +284,12 @@ def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_u
         )
     paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
     ps = treedef.flatten_up_to(params) if params is not None else [None] * len(paths_grads)
-    for (path, g), nu, p in zip(
-        paths_grads, jax.tree.leaves(state.nu, is_leaf=is_quantized), ps, strict=True
-    ):
+    for (path, g), nu_shape, p in zip(paths_grads, nu_shapes, ps, strict=True):
         name = jax.tree_util.keystr(path) or "<root>"
-        if jnp.shape(g) != stored_shape(nu):
+        if jnp.shape(g) != nu_shape:
             raise ValueError(
                 f"gradient leaf {name} has shape {jnp.shape(g)} "
-                f"but its state (and so its parameter) has shape {stored_shape(nu)}."
+                f"but its state (and so its parameter) has shape {nu_shape}."
             )
         g_dtype = jnp.result_type(g)
         if not jnp.issubdtype(g_dtype, jnp.inexact):
@@ -340,11 +366,30 @@ def _make(
     weight_decay_mask: MaskOrFn | None,
     accumulator_dtype: Any,
     storage: Storage = DEFAULT_STORAGE,
+    packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Build the transformation. ``weight_decay`` is ``None`` when statically off."""
 
     def init_fn(params: optax.Params) -> RmsPropState:
+        if packed:
+            _check_packable(params, accumulator_dtype, storage)
+            return _init_packed(params)
         return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype, storage)
+
+    def _init_packed(params: optax.Params) -> RmsPropState:
+        treedef = jax.tree.structure(params)
+        masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else None
+        layout = _packed.build_layout(
+            params,
+            lambda path, p: _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype),
+            masks,
+        )
+        return RmsPropState(
+            count=jnp.zeros([], jnp.int32),
+            nu=_packed.full(layout, initial_scale, "nu"),
+            mu=_packed.full(layout, 0, "acc") if flags.centered else None,
+            trace=_packed.full(layout, 0, "acc") if flags.momentum else None,
+        )
 
     def update_fn(
         updates: optax.Updates,
@@ -380,6 +425,15 @@ def _make(
         )
         n = treedef.num_leaves
         gs = treedef.flatten_up_to(updates)
+        if packed:  # one flat buffer per leaf group: see _packed
+            masks = (
+                _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
+            )
+            ps_ = treedef.flatten_up_to(params) if weight_decay is not None else None
+            outs_, nu_, mu_, tr_ = _packed.update(
+                flags, scalars, gs, ps_, masks, state.nu, state.mu, state.trace
+            )
+            return treedef.unflatten(outs_), RmsPropState(count=count_inc, nu=nu_, mu=mu_, trace=tr_)
         nus = treedef.flatten_up_to(state.nu)
         mus = treedef.flatten_up_to(state.mu) if flags.centered else [None] * n
         trs = treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n
@@ -435,6 +489,7 @@ def rmsprop(
     stochastic_rounding: bool | None = None,
     rounding_seed: int | None = None,
     quantization: Blockwise | None = None,
+    packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp as an Optax gradient transformation; a drop-in for :func:`optax.rmsprop`.
 
@@ -510,6 +565,13 @@ def rmsprop(
         rounding: runs are reproducible.
       quantization: a :class:`Blockwise` configuration (block size, minimum leaf
         size, block layout) for ``accumulator_dtype="int8"``; default ``Blockwise()``.
+      packed: store each accumulator as one flat buffer per group of leaves
+        (same accumulator dtypes and static weight-decay mask) instead of one
+        array per parameter: fewer arrays at the ``jit`` boundary and one
+        update kernel per group, for trees of many small leaves. Same numbers
+        as ``packed=False``. ``state.nu`` is then a ``PackedTree``
+        (``state.nu.unpack()`` is the per-parameter tree). Not for parameters
+        sharded across devices (raises). See ``rmsprop_jax._packed``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is :class:`RmsPropState`.
@@ -565,6 +627,7 @@ def rmsprop(
         weight_decay_mask=weight_decay_mask,
         accumulator_dtype=acc_dtype,
         storage=storage,
+        packed=_check_bool("packed", packed),
     )
 
 
@@ -580,6 +643,7 @@ def scale_by_rms(
     stochastic_rounding: bool | None = None,
     rounding_seed: int | None = None,
     quantization: Blockwise | None = None,
+    packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The RMSProp preconditioner alone, :math:`g \mapsto g / \sqrt{v_t + \epsilon}`.
 
@@ -588,7 +652,7 @@ def scale_by_rms(
     the learning rate, momentum and weight decay. Chain it with
     ``optax.scale_by_learning_rate`` (or anything else) as usual. The storage
     arguments (``accumulator_dtype``, ``stochastic_rounding``, ``rounding_seed``,
-    ``quantization``) are :func:`rmsprop`'s.
+    ``quantization``) and ``packed`` are :func:`rmsprop`'s.
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax
@@ -617,4 +681,5 @@ def scale_by_rms(
         weight_decay_mask=None,
         accumulator_dtype=acc_dtype,
         storage=storage,
+        packed=_check_bool("packed", packed),
     )

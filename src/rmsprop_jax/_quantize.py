@@ -293,10 +293,14 @@ def stochastic_round(x: Array, dtype: Any, bits: Array) -> Array:
         # carry runs into the exponent exactly as in the general rule (subnormals and the
         # overflow to inf included: tests/test_quantize.py checks the two agree bit for bit),
         # in 4 integer operations instead of ~20.
+        # NaN is truncated with the quiet bit set (sign and top payload kept), on the bits too:
+        # no float32 -> bfloat16 conversion in the program, whose expansion made XLA:CPU compile
+        # each leaf's fusion slower (an update of 128 leaves: 13.4 s -> 11.2 s on a loaded 2-core
+        # CPU; non-NaN results bit-identical, checked on 200k random float32 patterns).
         b = jax.lax.bitcast_convert_type(x, jnp.uint32)
-        top = ((b + (bits & jnp.uint32(0xFFFF))) >> 16).astype(jnp.uint16)
-        out = jax.lax.bitcast_convert_type(top, dt)
-        return jnp.where(jnp.isnan(x), x.astype(dt), out)
+        is_nan = (b & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+        top = jnp.where(is_nan, (b >> 16) | jnp.uint32(0x40), (b + (bits & jnp.uint32(0xFFFF))) >> 16)
+        return jax.lax.bitcast_convert_type(top.astype(jnp.uint16), dt)
     return stochastic_round_general(x, dt, bits)
 
 

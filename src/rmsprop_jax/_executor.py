@@ -37,8 +37,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
+from rmsprop_jax import _quantize
 from rmsprop_jax._state_codec import PLAIN, Codec, step_leaf
 from rmsprop_jax._update import Flags, Scalars
 
@@ -98,21 +98,26 @@ def apply_leaves(
     """``[step_leaf(flags, scalars, codecs, *leaf) for leaf in zip(...)]``, traced once per leaf signature.
 
     ``codecs``: per leaf, the storage codecs of (nu, mu, trace) (default: plain).
-    ``rounding``: ``(seed, step)`` for stochastic rounding (dynamic values); the leaf index
-    is added here.
+    ``rounding``: ``(seed, step)`` for stochastic rounding (dynamic values); each leaf's keys
+    (:func:`~rmsprop_jax._quantize.leaf_keys`) are derived here.
     """
     values = {f.name: getattr(scalars, f.name) for f in dataclasses.fields(scalars)}
     static = tuple((k, type(v), v) for k, v in values.items() if _is_static(v))
     dynamic = {k: v for k, v in values.items() if not _is_static(v)}
     codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)
-    seed, step = rounding if rounding is not None else (0, None)
+    keys = None if rounding is None else _quantize.leaf_keys(*rounding, len(gs))
+    if keys is not None:
+        # Each leaf's keys as a separate value behind a barrier, so that XLA does not fold the row
+        # index into every leaf's kernel (which made leaves of one shape compile to distinct
+        # kernels): measured on 128 bf16 leaves, centered + momentum, compile 36.5 s -> 21.5 s.
+        keys = jax.lax.optimization_barrier([keys[i] for i in range(len(gs))])
     outs = []
     for i, (g, p, nu, mu, trace, mask, cs) in enumerate(
         zip(gs, ps, nus, mus, traces, masks, codecs, strict=True)
     ):
         wd_static = mask if isinstance(mask, bool) else None
         fn = _leaf_fn(flags, static, wd_static, cs)
-        rnd = None if step is None or cs == _PLAIN3 else (seed, step, np.uint32(i))
+        rnd = None if keys is None or cs == _PLAIN3 else keys[i]
         outs.append(fn(dynamic, g, p, nu, mu, trace, None if wd_static is not None else mask, rnd))
     return outs
 
@@ -131,7 +136,7 @@ def apply_leaves_reference(
 ) -> list[LeafOut]:
     """The straightforward loop, op by op: what :func:`apply_leaves` must reproduce bit for bit."""
     codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)
-    seed, step = rounding if rounding is not None else (0, None)
+    keys = None if rounding is None else _quantize.leaf_keys(*rounding, len(gs))
     leaves = zip(gs, ps, nus, mus, traces, masks, codecs, strict=True)
     return [
         step_leaf(
@@ -144,7 +149,7 @@ def apply_leaves_reference(
             mu,
             tr,
             mask,
-            None if step is None or cs == _PLAIN3 else (seed, step, np.uint32(i)),
+            None if keys is None or cs == _PLAIN3 else keys[i],
         )
         for i, (g, p, nu, mu, tr, mask, cs) in enumerate(leaves)
     ]

@@ -244,6 +244,17 @@ def hash_key(seed: Any, step: Any, leaf: Any) -> Array:
     return _mix32(k ^ jnp.asarray(seed, jnp.uint32))
 
 
+def leaf_keys(seed: Any, step: Any, num_leaves: int) -> Array:
+    """``hash_key(seed, step, 3 * leaf + i)`` for every leaf and its three accumulators: (n, 3) uint32.
+
+    Computed as one array from the (traced) step, so that inside a ``jit`` each leaf's kernel
+    reads its key as data: leaves of one shape then compile to one identical kernel, where
+    a key folded into each kernel as a constant made XLA compile one kernel per leaf.
+    """
+    leaf = jnp.arange(num_leaves, dtype=jnp.uint32)[:, None] * jnp.uint32(3) + jnp.arange(3, dtype=jnp.uint32)
+    return hash_key(seed, step, leaf)
+
+
 def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
     """Uniform uint32 bits for every element of an array of ``shape``: ``mix(i * phi + key)``.
 

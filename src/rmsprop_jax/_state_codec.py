@@ -236,11 +236,12 @@ def step_leaf(
     mu: Any,
     trace: Any,
     wd_on: bool | Array,
-    rounding: tuple[Any, Any, Any] | None = None,
+    rounding: Array | None = None,
 ) -> tuple[Array, Any, Any, Any]:
     """Decode the accumulators, :func:`rms_leaf`, encode them.
 
-    ``rounding``: ``(seed, step, leaf index)`` for stochastic rounding, or ``None``.
+    ``rounding``: for stochastic rounding, this leaf's three uint32 keys (nu, mu, trace; a row
+    of :func:`~rmsprop_jax._quantize.leaf_keys`), or ``None``.
     """
     c_nu, c_mu, c_tr = codecs
     u, new_nu, new_mu, new_trace = rms_leaf(
@@ -257,8 +258,7 @@ def step_leaf(
     def bits(i: int, x: Array) -> Any:
         if rounding is None:
             return None
-        seed, step, leaf = rounding
-        return _quantize.hash_bits(_quantize.hash_key(seed, step, 3 * leaf + i), x.shape)
+        return _quantize.hash_bits(rounding[i], x.shape)
 
     return (
         u,

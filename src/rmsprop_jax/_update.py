@@ -9,13 +9,21 @@ this function line by line against the README's "Equations" section:
     nu <- decay * nu + (1 - decay) * |g|^2     second moment
     mu <- decay * mu + (1 - decay) * g         first moment     (centered)
     nu^, mu^ <- nu / (1 - decay^t), mu / (1 - decay^t)          (bias_correction)
-    v  <- max(nu^ - |mu^|^2, 0)  if centered else nu^   (v = inf where nu^ overflowed)
+    v  <- max(nu^ - |mu^|^2, c nu^)  if centered else nu^   (v = inf where nu^ overflowed;
+                                                          c = 0 unless the state is lossy)
     d  <- sqrt(v + eps)          if eps_in_sqrt else sqrt(v) + eps
     u  <- g / d
     lr inside momentum  (optax, TF, Keras):   u <- -lr * u; b <- u + m * b
     lr outside momentum (PyTorch):            b <- u + m * b;  u <- -lr * b
       (the update is b, or u + m * b with nesterov)
     u  <- u - lr * wd_decoupled * p            decoupled weight decay
+
+``c`` is the relative resolution of a lossy state storage (``_state_codec.VARIANCE_FLOOR``:
+int8 2**-6, bfloat16 2**-7, float16 2**-10; 0 for float32/float64 state, which then compiles
+to the unfloored program): below ``c * nu^`` the difference ``nu^ - |mu^|^2`` is the rounding
+error of the stored ``nu`` and ``mu``, which otherwise reaches 0 where the gradient's mean
+dominates its noise and makes the step ``g / sqrt(eps)``. The floor bounds the step at
+``|g| / sqrt(c * nu^)``.
 
 The arithmetic is done in at least float32 (bfloat16/float16 leaves are upcast
 and the results cast back), so low-precision inputs can neither divide by zero
@@ -92,6 +100,7 @@ def rms_leaf(
     mu: Array | None,
     trace: Array | None,
     wd_on: bool | Array = True,
+    var_floor: float = 0.0,
 ) -> tuple[Array, Array, Array | None, Array | None]:
     """One RMSProp step for one leaf.
 
@@ -101,6 +110,9 @@ def rms_leaf(
       g: gradient. p: parameter (needed only with weight decay).
       nu, mu, trace: second moment, first moment (centered), momentum buffer.
       wd_on: the weight-decay mask for this leaf (a Python bool or a boolean array).
+      var_floor: ``c`` in the centered variance ``v = max(nu^ - |mu^|^2, c * nu^)``: the
+        relative precision of a lossy storage of ``nu`` and ``mu`` (a static Python float;
+        0 for exact storage, which then compiles to exactly the unfloored program).
 
     Returns:
       ``(update, nu, mu, trace)``: the update in ``g``'s dtype and the new
@@ -130,7 +142,10 @@ def rms_leaf(
             mu_hat = mu_hat / s.bias_correction
     if flags.centered:
         # Where |g|^2 overflowed, nu^ and |mu^|^2 are both inf: keep v = inf (so u = 0), not inf - inf.
-        var = jnp.where(jnp.isinf(nu_hat), nu_hat, jnp.maximum(nu_hat - abs_sq(mu_hat), 0))
+        # A lossy storage (var_floor = c > 0) floors v at c * nu^: below that, nu^ - |mu^|^2 is
+        # the storage's rounding error, not a variance (see _state_codec.variance_floor).
+        floor = var_floor * nu_hat if var_floor else 0
+        var = jnp.where(jnp.isinf(nu_hat), nu_hat, jnp.maximum(nu_hat - abs_sq(mu_hat), floor))
     else:
         var = nu_hat
 

@@ -571,7 +571,9 @@ def rmsprop(
         update kernel per group, for trees of many small leaves. Same numbers
         as ``packed=False``. ``state.nu`` is then a ``PackedTree``
         (``state.nu.unpack()`` is the per-parameter tree). Not for parameters
-        sharded across devices (raises). See ``rmsprop_jax._packed``.
+        sharded across devices (raises), nor for 8-bit or stochastically rounded
+        accumulators (raises: with bfloat16/float16 accumulators pass
+        ``stochastic_rounding=False``). See ``rmsprop_jax._packed``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is :class:`RmsPropState`.

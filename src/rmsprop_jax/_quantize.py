@@ -189,19 +189,38 @@ def quantize_blockwise(
     x = jnp.asarray(x)
     shape = x.shape
     xb, n = _blocks(x.astype(jnp.float32), block_size, axis)
+    lut = jnp.asarray(_lut_np(bool(signed)))
+    codes, absmax = quantize_blocks(xb, lambda k: lut[k])
+    codes = codes.reshape(*codes.shape[:-2], -1)[..., :n].reshape(shape)
+    return codes, absmax
+
+
+def quantize_blocks(xb: Array, lut_lookup: Any) -> tuple[Array, Array]:
+    """The quantizer on float32 blocks ``(..., n_blocks, block_size)``: codes of that shape and ``absmax``.
+
+    ``lut_lookup(k)`` returns ``_lut_np(signed)[k]`` for an int32 array ``k`` (an XLA
+    gather here, a table read inside the fused kernel of :mod:`rmsprop_jax._pallas_int8`).
+    """
     # std::max(a, |NaN|) keeps a in the C kernel: NaN does not enter absmax (and codes as 0).
     absmax = jnp.max(jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb)), axis=-1)
     inv = (jnp.float32(1.0) / absmax)[..., None]  # inf where absmax == 0: masked below
     v = jnp.clip(xb * inv, -1.0, 1.0)
-    # Each operation rounded to float32 on its own, as the C kernel evaluates it.
-    k = (v + jnp.float32(1.0)) * jnp.float32(0.5)
-    k = k * jnp.float32(65535.0)
+    # Each operation rounded to float32 on its own, as the C kernel evaluates it:
+    # k = ((v + 1) * 0.5) * 65535 + 0.5. The product h * 65535 is written h * 65536 - h (the
+    # same float32 value: h * 65536 is exact), so that a compiler contracting a multiply and an
+    # add into one fused multiply-add (Triton does) cannot skip the product's rounding.
+    h = (v + jnp.float32(1.0)) * jnp.float32(0.5)
+    k = h * jnp.float32(65536.0) - h
     k = k + jnp.float32(0.5)
     k = jnp.where(jnp.isnan(k), 0.0, k).astype(jnp.int32)  # truncation, as static_cast<uint16_t>
-    codes = jnp.asarray(_lut_np(bool(signed)))[k]
-    codes = jnp.where((absmax == 0)[..., None], jnp.uint8(0), codes)
-    codes = codes.reshape(*codes.shape[:-2], -1)[..., :n].reshape(shape)
+    codes = lut_lookup(k)
+    codes = jnp.where((absmax == 0)[..., None], jnp.zeros((), codes.dtype), codes)
     return codes, absmax
+
+
+def dequantize_blocks(cb: Array, absmax: Array, map_lookup: Any) -> Array:
+    """``map_lookup(codes) * absmax`` on blocks ``(..., n_blocks, block_size)`` (:func:`quantize_blocks`)."""
+    return map_lookup(cb.astype(jnp.int32)) * absmax[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "signed", "axis", "dtype"))
@@ -219,8 +238,8 @@ def dequantize_blockwise(
     codes = jnp.asarray(codes)
     shape = codes.shape
     cb, n = _blocks(codes, block_size, axis)
-    values = jnp.asarray(_dynamic_map_np(bool(signed)))[cb.astype(jnp.int32)]
-    out = values * jnp.asarray(absmax, jnp.float32)[..., None]
+    table = jnp.asarray(_dynamic_map_np(bool(signed)))
+    out = dequantize_blocks(cb, jnp.asarray(absmax, jnp.float32), lambda c: table[c])
     out = out.reshape(*out.shape[:-2], -1)[..., :n].reshape(shape)
     return out.astype(dtype)
 

@@ -267,6 +267,18 @@ def int8_cases() -> list:
             k: jax.device_put(v, NamedSharding(mesh, leaves[k][1]))
             for k, v in _int8_values(leaves, 100).items()
         }
+        # The fused Pallas kernel has no partitioning rule: init and update refuse sharded leaves.
+        fused = rmsprop_jax.rmsprop(
+            1e-3, accumulator_dtype="int8", quantization=rmsprop_jax.Blockwise(kernel="pallas")
+        )
+        refusals = []
+        for call in (lambda: fused.init(params), lambda: fused.update(grads, fused.init(lp), params)):
+            try:
+                call()
+                refusals.append("accepted")
+            except ValueError as e:
+                refusals.append(str(e))
+        cases.append({"layout": layout, "config": "pallas_refusal", "messages": refusals})
         for cname, opt in configs.items():
             state = jax.jit(opt.init)(params)
             compiled = jax.jit(opt.update).lower(grads, state, params).compile()

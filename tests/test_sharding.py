@@ -91,7 +91,8 @@ def test_low_memory_state_is_sharded_like_its_parameter_without_collectives(repo
     """8-bit codes and absmax (blocks along rows: they never straddle a shard) and bf16 with
     stochastic rounding (the hash counts global element indices): sharded like the parameter,
     no collective in the compiled update, bit-identical to the single-device update."""
-    cases = [c for c in report["int8_cases"] if not c["config"].endswith("_contrast")]
+    cases = [c for c in report["int8_cases"] if c["config"].startswith(("int8", "bf16"))]
+    cases = [c for c in cases if not c["config"].endswith("_contrast")]
     assert len(cases) == 2 * 3
     assert all(c["quantized_leaves"] == 2 for c in cases if c["config"].startswith("int8"))
     # The checks can fail: bitsandbytes' flattened blocks cross shards (all-gathers, misplaced state).
@@ -102,6 +103,15 @@ def test_low_memory_state_is_sharded_like_its_parameter_without_collectives(repo
         assert not c["sharding_mismatch"], (where, c["sharding_mismatch"])
         assert not c["collectives"], (where, c["collectives"])
         assert c["equals_single_device"], where
+
+
+def test_the_pallas_kernel_refuses_sharded_parameters(report):
+    """Blockwise(kernel="pallas") would make XLA gather each sharded leaf: init and update raise."""
+    refusals = [c for c in report["int8_cases"] if c["config"] == "pallas_refusal"]
+    assert len(refusals) == 2
+    for c in refusals:
+        for message in c["messages"]:
+            assert "sharded across devices" in message and "kernel='xla'" in message, (c["layout"], message)
 
 
 # --------------------------------------------------------------------------- in-process, one device

@@ -175,6 +175,17 @@ def full(layout: Layout, value: Any, which: str) -> Any:  # a PackedTree; Any to
 
 def check_packable(leaves: Any) -> None:
     """Refuse parameters sharded over several devices: packing would gather them onto each device."""
+    found = sharded_leaf(leaves)
+    if found is not None:
+        raise _sharded_error(*found)
+
+
+def sharded_leaf(leaves: Any) -> tuple[Any, Any] | None:
+    """The first leaf sharded over several devices (not replicated) and its sharding, or ``None``.
+
+    Concrete arrays and ``ShapeDtypeStruct`` carry their sharding; a tracer only under
+    explicit sharding (``jax.typeof(x).sharding`` with a non-trivial spec).
+    """
     for leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
         if isinstance(leaf, jax.core.Tracer):
@@ -182,14 +193,15 @@ def check_packable(leaves: Any) -> None:
                 sharding = jax.typeof(leaf).sharding
                 spec = getattr(sharding, "spec", ())
                 if sharding is not None and any(s is not None for s in spec):
-                    raise _sharded_error(leaf, sharding)
+                    return leaf, sharding
             except (AttributeError, TypeError):
                 pass
             continue
         if sharding is None:
             continue
         if len(sharding.device_set) > 1 and not sharding.is_fully_replicated:
-            raise _sharded_error(leaf, sharding)
+            return leaf, sharding
+    return None
 
 
 def _sharded_error(leaf: Any, sharding: Any) -> ValueError:

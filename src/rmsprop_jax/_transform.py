@@ -209,6 +209,22 @@ def _check_packable(params: Any, accumulator_dtype: Any, storage: Storage) -> No
                 )
 
 
+def _check_kernel_unsharded(leaves: Any, storage: Storage) -> None:
+    """``Blockwise(kernel="pallas"...)`` refuses parameters sharded over several devices."""
+    if not storage.int8 or storage.blockwise.kernel == "xla":
+        return
+    found = _packed.sharded_leaf(leaves)
+    if found is not None:
+        leaf, sharding = found
+        raise ValueError(
+            f"quantization=Blockwise(kernel={storage.blockwise.kernel!r}) cannot be used with parameters "
+            f"sharded across devices: a leaf of shape {jnp.shape(leaf)} has sharding {sharding}. A Pallas "
+            "kernel has no partitioning rule, so XLA would gather every such leaf onto each device. Use "
+            "kernel='xla' (the default), whose 8-bit state is sharded like its parameter and updated "
+            "with no communication."
+        )
+
+
 def _init_state(
     params: Any,
     initial_scale: Any,
@@ -374,6 +390,7 @@ def _make(
         if packed:
             _check_packable(params, accumulator_dtype, storage)
             return _init_packed(params)
+        _check_kernel_unsharded(jax.tree.leaves(params), storage)
         return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype, storage)
 
     def _init_packed(params: optax.Params) -> RmsPropState:
@@ -434,6 +451,7 @@ def _make(
                 flags, scalars, gs, ps_, masks, state.nu, state.mu, state.trace
             )
             return treedef.unflatten(outs_), RmsPropState(count=count_inc, nu=nu_, mu=mu_, trace=tr_)
+        _check_kernel_unsharded(gs, storage)
         nus = treedef.flatten_up_to(state.nu)
         mus = treedef.flatten_up_to(state.mu) if flags.centered else [None] * n
         trs = treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n

@@ -13,6 +13,8 @@ configurations (plain; centered + momentum 0.9 + coupled weight decay):
 * ``bf16_sr``: ``accumulator_dtype=jnp.bfloat16, stochastic_rounding=True``.
 * ``int8``: ``accumulator_dtype="int8"``: 8-bit block-wise codes plus one float32
   absmax per block of 256 (bitsandbytes' scheme; leaves below 4096 elements keep float32).
+* ``int8_pallas`` (on a GPU only): the same state, stepped by the fused Pallas kernel
+  (``quantization=rmsprop_jax.Blockwise(kernel="pallas")``).
 
 **Bytes** are those of ``jax.eval_shape(opt.init, params)`` (no memory is
 allocated, so every workload, the 256M leaf included, is counted on any machine),
@@ -39,7 +41,7 @@ if __package__ in (None, ""):
     sys.path[:0] = [str(_root), str(_root / "src")]
 else:
     try:
-        import rmsprop_jax  # noqa: F401
+        import rmsprop_jax
     except ImportError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -47,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import rmsprop_jax
 from benchmarks.run import JaxCase, _stats, interleave, machine_info, machine_tag, make_tree
 from benchmarks.workloads import CONFIGS, Config, Workload, _uniform, make_rmsprop_jax, workloads
 
@@ -57,6 +60,17 @@ MODES: dict[str, dict[str, Any]] = {
     "bf16_sr": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
     "int8": {"accumulator_dtype": "int8"},
 }
+# On a GPU the suite also times the fused Pallas kernel (Blockwise(kernel="pallas")); elsewhere
+# Pallas only interprets it, which says nothing about speed.
+KERNEL_MODES: dict[str, dict[str, Any]] = {
+    "int8_pallas": {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(kernel="pallas")},
+}
+
+
+def active_modes() -> dict[str, dict[str, Any]]:
+    return {**MODES, **(KERNEL_MODES if jax.default_backend() == "gpu" else {})}
+
+
 BIG = _uniform("leaf_256m", "1 leaf x 256M", 1, 1 << 28)
 # Step cost is not measured on 2000 x 64: every leaf is below the 4096-element minimum,
 # so int8 keeps float32 there, and its compile alone takes minutes on 2 cores.
@@ -67,7 +81,7 @@ QUICK_COST = {"large_leaf"}  # --quick times only this one (compiles dominate a 
 def state_bytes(wl: Workload, cfg: Config, mode: str) -> dict[str, Any]:
     """State bytes per parameter and the share of accumulator elements stored in one byte."""
     params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in wl.shapes.items()}
-    state = jax.eval_shape(make_rmsprop_jax(cfg, **MODES[mode]).init, params)
+    state = jax.eval_shape(make_rmsprop_jax(cfg, **active_modes()[mode]).init, params)
     leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
     total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
     one_byte = sum(int(np.prod(x.shape)) for x in leaves if jnp.dtype(x.dtype).itemsize == 1)
@@ -85,7 +99,7 @@ def measure_cost(
     params = make_tree(wl.shapes, seed=seed)
     grads = make_tree(wl.shapes, seed=100 + seed, scale=1e-2)
     cases = {}
-    for mode, kw in MODES.items():
+    for mode, kw in active_modes().items():
         cases[mode] = JaxCase(make_rmsprop_jax(cfg, **kw), params, grads, donate=True)
         print(f"    compiled {mode}: {cases[mode].lower_s + cases[mode].compile_s:.2f} s", flush=True)
     del params
@@ -118,7 +132,7 @@ def run_section(quick: bool, big: bool = False, only: set[str] | None = None) ->
                 "num_leaves": wl.num_leaves,
                 "num_params": wl.num_params,
                 "config": cfg.name,
-                "bytes": {mode: state_bytes(wl, cfg, mode) for mode in MODES},
+                "bytes": {mode: state_bytes(wl, cfg, mode) for mode in active_modes()},
                 "cost": None,
             }
             if wl.name not in COST_SKIP and (not quick or wl.name in QUICK_COST):
@@ -137,7 +151,7 @@ def run_section(quick: bool, big: bool = False, only: set[str] | None = None) ->
         "quick": quick,
         "machine": machine_info(),
         "settings": {"rounds": rounds, "steps_per_round": per_round, "warmup_steps": 2},
-        "modes": {m: {k: str(v) for k, v in kw.items()} for m, kw in MODES.items()},
+        "modes": {m: {k: str(v) for k, v in kw.items()} for m, kw in active_modes().items()},
         "groups": groups,
         "loadavg_1min": load,
         "wall_s": time.perf_counter() - t0,

@@ -65,7 +65,7 @@ class Blockwise:
         ``rms_leaf`` and encode as ordinary JAX code, fused by XLA as it can (portable;
         XLA cannot keep a block's new ``absmax`` on chip, so it makes several passes).
         ``"pallas"``: one Pallas kernel per leaf reads the gradient and the codes and writes
-        the update and the new codes in a single pass (:mod:`rmsprop_jax._pallas_int8`);
+        the update and the new codes in a single pass (module ``rmsprop_jax._pallas_int8``);
         ``"pallas_state"``: the kernel writes only the new codes and the surrounding XLA
         program computes the update. Compiled by Triton on a GPU (H100, 256M-element leaf:
         1.15x the float32-state step instead of 1.25x, and 1.3x instead of 3.7x centered

@@ -7,7 +7,7 @@ modules is private.
 from rmsprop_jax import interop, presets
 from rmsprop_jax._quantize import dequantize_blockwise, quantize_blockwise
 from rmsprop_jax._state_codec import Blockwise, QuantizedLeaf
-from rmsprop_jax._transform import RmsPropState, rmsprop, scale_by_rms
+from rmsprop_jax._transform import RmsPropState, rmsprop, scale_by_rms, update_and_apply
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,5 @@ __all__ = [
     "quantize_blockwise",
     "rmsprop",
     "scale_by_rms",
+    "update_and_apply",
 ]

@@ -57,6 +57,7 @@ def _leaf_fn(
     static: tuple[tuple[str, type, Any], ...],
     wd_static: bool | None,
     codecs: tuple[Codec, Codec, Codec] = _PLAIN3,
+    apply: bool = False,
 ) -> Callable[..., Any]:
     """A jitted ``rms_leaf`` (inside its storage codecs, see ``_state_codec.step_leaf``) with the
     static hyperparameters, the static mask and the codecs baked in.
@@ -78,7 +79,7 @@ def _leaf_fn(
     ) -> LeafOut:
         scalars = Scalars(**fixed, **dynamic)
         wd = wd_array if wd_static is None else wd_static
-        return step_leaf(flags, scalars, codecs, g, p, nu, mu, trace, wd, rounding)
+        return step_leaf(flags, scalars, codecs, g, p, nu, mu, trace, wd, rounding, apply)
 
     return jax.jit(leaf)
 
@@ -94,12 +95,14 @@ def apply_leaves(
     masks: Sequence[Any],
     codecs: Sequence[tuple[Codec, Codec, Codec]] | None = None,
     rounding: tuple[Any, Any] | None = None,
+    apply: bool = False,
 ) -> list[LeafOut]:
     """``[step_leaf(flags, scalars, codecs, *leaf) for leaf in zip(...)]``, traced once per leaf signature.
 
     ``codecs``: per leaf, the storage codecs of (nu, mu, trace) (default: plain).
     ``rounding``: ``(seed, step)`` for stochastic rounding (dynamic values); each leaf's keys
     (:func:`~rmsprop_jax._quantize.leaf_keys`) are derived here.
+    ``apply``: each leaf returns its new parameter instead of its update (``step_leaf``).
     """
     values = {f.name: getattr(scalars, f.name) for f in dataclasses.fields(scalars)}
     static = tuple((k, type(v), v) for k, v in values.items() if _is_static(v))
@@ -116,7 +119,7 @@ def apply_leaves(
         zip(gs, ps, nus, mus, traces, masks, codecs, strict=True)
     ):
         wd_static = mask if isinstance(mask, bool) else None
-        fn = _leaf_fn(flags, static, wd_static, cs)
+        fn = _leaf_fn(flags, static, wd_static, cs, apply)
         rnd = None if keys is None or cs == _PLAIN3 else keys[i]
         outs.append(fn(dynamic, g, p, nu, mu, trace, None if wd_static is not None else mask, rnd))
     return outs
@@ -133,6 +136,7 @@ def apply_leaves_reference(
     masks: Sequence[Any],
     codecs: Sequence[tuple[Codec, Codec, Codec]] | None = None,
     rounding: tuple[Any, Any] | None = None,
+    apply: bool = False,
 ) -> list[LeafOut]:
     """The straightforward loop, op by op: what :func:`apply_leaves` must reproduce bit for bit."""
     codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)
@@ -150,6 +154,7 @@ def apply_leaves_reference(
             tr,
             mask,
             None if keys is None or cs == _PLAIN3 else keys[i],
+            apply,
         )
         for i, (g, p, nu, mu, tr, mask, cs) in enumerate(leaves)
     ]

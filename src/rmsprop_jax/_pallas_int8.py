@@ -96,6 +96,7 @@ def fused_step(
     var_floor: float,
     *,
     with_update: bool = True,
+    apply: bool = False,
     rows: int | None = None,
     num_warps: int | None = None,
     interpret: bool | None = None,
@@ -104,6 +105,8 @@ def fused_step(
 
     ``configs``: the ``Blockwise`` configuration of (nu, mu, trace) (``None`` where absent).
     Returns ``(update or None, nu, mu, trace)`` as ``QuantizedLeaf`` values (the caller's type).
+    ``apply=True`` (with ``with_update``): the first output is the new parameter ``p + update``
+    (in ``p``'s dtype, as ``optax.apply_updates``), written over ``p``'s buffer.
     """
     from rmsprop_jax._state_codec import QuantizedLeaf
 
@@ -145,8 +148,10 @@ def fused_step(
         in_specs += [tile, vec]
     out_shape = []
     out_specs = []
+    if apply and (p is None or not with_update):
+        raise ValueError("apply=True needs the parameter and with_update=True")
     if with_update:
-        out_shape.append(jax.ShapeDtypeStruct((nb, bs), g.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((nb, bs), p.dtype if apply else g.dtype))  # type: ignore[union-attr]
         out_specs.append(tile)
     for _ in accs:
         out_shape += [jax.ShapeDtypeStruct((nb, bs), jnp.uint8), jax.ShapeDtypeStruct((nb,), jnp.float32)]
@@ -155,6 +160,8 @@ def fused_step(
     first_acc_in = 5 if p is not None else 4
     first_acc_out = 1 if with_update else 0
     aliases = {first_acc_in + j: first_acc_out + j for j in range(2 * len(accs))}
+    if apply:
+        aliases[4] = 0  # the new parameter over the old one
 
     def kernel(*refs: Any) -> None:
         ins, outs = refs[: len(args)], list(refs[len(args) :])
@@ -176,7 +183,10 @@ def fused_step(
         d_nu, d_mu, d_tr = decoded
         assert d_nu is not None
         u, *new = rms_leaf(flags, scalars, g_ref[...], p_val, d_nu, d_mu, d_tr, wd_on, var_floor)
-        if with_update:
+        if apply:
+            assert p_val is not None
+            outs.pop(0)[...] = (p_val + u).astype(p_val.dtype)
+        elif with_update:
             outs.pop(0)[...] = u
         for x in new:
             if x is not None:

@@ -69,7 +69,9 @@ class Blockwise:
         ``"pallas_state"``: the kernel writes only the new codes and the surrounding XLA
         program computes the update. Compiled by Triton on a GPU (H100, 256M-element leaf:
         1.15x the float32-state step instead of 1.25x, and 1.3x instead of 3.7x centered
-        with momentum; see the README), interpreted elsewhere (slow: for testing). Leaves
+        with momentum; 0.9x and 1.15x stepped with :func:`rmsprop_jax.update_and_apply`, which
+        lets the kernel update the parameter itself; see the README), interpreted elsewhere
+        (slow: for testing). Leaves
         whose blocks are not whole rows (a size, or with ``layout="rows"`` a last
         dimension, that is not a multiple of ``block_size``) and array weight-decay masks
         keep the XLA path. The codes equal ``"xla"``'s on the same device.
@@ -274,11 +276,14 @@ def step_leaf(
     trace: Any,
     wd_on: bool | Array,
     rounding: Array | None = None,
+    apply: bool = False,
 ) -> tuple[Array, Any, Any, Any]:
     """Decode the accumulators, :func:`rms_leaf`, encode them.
 
     ``rounding``: for stochastic rounding, this leaf's three uint32 keys (nu, mu, trace; a row
     of :func:`~rmsprop_jax._quantize.leaf_keys`), or ``None``.
+    ``apply``: return the new parameter ``p + update`` (``optax.apply_updates``' arithmetic)
+    instead of the update.
     """
     c_nu, c_mu, c_tr = codecs
     var_floor = max(c_nu.variance_floor, c_mu.variance_floor) if flags.centered else 0.0
@@ -288,7 +293,18 @@ def step_leaf(
         configs = tuple(c.config if isinstance(c, Quantized) else None for c in codecs)
         with_update = kernel == "pallas"
         fused = _pallas_int8.fused_step(
-            flags, s, configs, g, p, nu, mu, trace, bool(wd_on), var_floor, with_update=with_update
+            flags,
+            s,
+            configs,
+            g,
+            p,
+            nu,
+            mu,
+            trace,
+            bool(wd_on),
+            var_floor,
+            with_update=with_update,
+            apply=apply and with_update,
         )
         if with_update:
             return fused  # type: ignore[return-value]
@@ -298,6 +314,9 @@ def step_leaf(
         None if trace is None else c_tr.decode(trace),
     )
     u, new_nu, new_mu, new_trace = rms_leaf(flags, s, g, p, *decoded, wd_on, var_floor)
+    if apply:
+        assert p is not None
+        u = (p + u).astype(p.dtype)
     if kernel is not None:  # "pallas_state": the update from this program, the state from the kernel
         return u, *fused[1:]
 

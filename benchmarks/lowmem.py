@@ -14,7 +14,8 @@ configurations (plain; centered + momentum 0.9 + coupled weight decay):
 * ``int8``: ``accumulator_dtype="int8"``: 8-bit block-wise codes plus one float32
   absmax per block of 256 (bitsandbytes' scheme; leaves below 4096 elements keep float32).
 * ``int8_pallas`` (on a GPU only): the same state, stepped by the fused Pallas kernel
-  (``quantization=rmsprop_jax.Blockwise(kernel="pallas")``).
+  (``quantization=rmsprop_jax.Blockwise(kernel="pallas")``); ``int8_pallas_apply``: the same
+  with ``rmsprop_jax.update_and_apply`` in place of ``update`` + ``apply_updates``.
 
 **Bytes** are those of ``jax.eval_shape(opt.init, params)`` (no memory is
 allocated, so every workload, the 256M leaf included, is counted on any machine),
@@ -62,9 +63,12 @@ MODES: dict[str, dict[str, Any]] = {
 }
 # On a GPU the suite also times the fused Pallas kernel (Blockwise(kernel="pallas")); elsewhere
 # Pallas only interprets it, which says nothing about speed.
+_PALLAS = {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(kernel="pallas")}
 KERNEL_MODES: dict[str, dict[str, Any]] = {
-    "int8_pallas": {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(kernel="pallas")},
+    "int8_pallas": _PALLAS,
+    "int8_pallas_apply": _PALLAS,  # stepped with rmsprop_jax.update_and_apply (the kernel updates p)
 }
+FUSED_APPLY = {"int8_pallas_apply"}
 
 
 def active_modes() -> dict[str, dict[str, Any]]:
@@ -100,7 +104,9 @@ def measure_cost(
     grads = make_tree(wl.shapes, seed=100 + seed, scale=1e-2)
     cases = {}
     for mode, kw in active_modes().items():
-        cases[mode] = JaxCase(make_rmsprop_jax(cfg, **kw), params, grads, donate=True)
+        cases[mode] = JaxCase(
+            make_rmsprop_jax(cfg, **kw), params, grads, donate=True, fused_apply=mode in FUSED_APPLY
+        )
         print(f"    compiled {mode}: {cases[mode].lower_s + cases[mode].compile_s:.2f} s", flush=True)
     del params
     times = interleave(cases, rounds, per_round)

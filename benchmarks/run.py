@@ -142,8 +142,12 @@ def _nbytes(tree: Any) -> int:
 class JaxCase:
     """One jitted optimizer step (update + apply_updates), compiled ahead of time."""
 
-    def __init__(self, opt: Any, params: Any, grads: Any, donate: bool) -> None:
+    def __init__(self, opt: Any, params: Any, grads: Any, donate: bool, fused_apply: bool = False) -> None:
         def step(p: Any, s: Any, g: Any) -> tuple[Any, Any]:
+            if fused_apply:  # rmsprop_jax.update_and_apply: the parameter updated inside the step
+                import rmsprop_jax
+
+                return rmsprop_jax.update_and_apply(opt, g, s, p)
             updates, s = opt.update(g, s, p)
             return optax.apply_updates(p, updates), s
 

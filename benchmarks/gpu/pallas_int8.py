@@ -9,7 +9,8 @@
 2. **Cost**: the donated jitted step (update + apply_updates, the suite's ``JaxCase``) on
    one leaf of ``--n`` elements for float32, bf16-SR and int8 state, int8 through XLA and
    through the kernel at each ``rows x num_warps`` of ``--sweep``; interleaved in one
-   process, as ratios to the float32-state step. Also the bandwidth yardstick (a triad).
+   process, as ratios to the float32-state step; and ``int8_pallas_apply``, the kernel stepped
+   with ``rmsprop_jax.update_and_apply`` (the parameter updated inside the kernel).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def cost(n: int, sweep: list[tuple[int, int]], configs: list[str], rounds: int) 
         compile_s = {}
         for mode in ["float32", "bf16_sr", "int8"]:
             cases[mode] = JaxCase(_opt(cfg, mode), params, grads, donate=True)
+        cases["int8_pallas_apply"] = JaxCase(_opt(cfg, "int8_pallas"), params, grads, True, fused_apply=True)
         for rows, warps in sweep:
             _set_tiling(rows, warps)
             for variant in ("int8_pallas", "int8_pallas_state"):

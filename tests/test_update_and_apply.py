@@ -73,18 +73,14 @@ def _two_calls(opt: optax.GradientTransformation, steps: int = 4, jit: bool = Tr
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    step = jax.jit(step) if jit else step
-    params = _params()
-    state = opt.init(params)
-    for g in _grads(steps):
-        params, state = step(params, state, g)
-    return params, state
+    return _run(opt, step, steps, jit)
 
 
 def _fused(opt: optax.GradientTransformation, steps: int = 4, jit: bool = True) -> Any:
-    def step(p: Any, s: Any, g: Any) -> Any:
-        return rmsprop_jax.update_and_apply(opt, g, s, p)
+    return _run(opt, lambda p, s, g: rmsprop_jax.update_and_apply(opt, g, s, p), steps, jit)
 
+
+def _run(opt: optax.GradientTransformation, step: Any, steps: int, jit: bool) -> Any:
     step = jax.jit(step) if jit else step
     params = _params()
     state = opt.init(params)

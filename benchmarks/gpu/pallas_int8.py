@@ -9,7 +9,7 @@
 2. **Cost**: the donated jitted step (update + apply_updates, the suite's ``JaxCase``) on
    one leaf of ``--n`` elements for float32, bf16-SR and int8 state, int8 through XLA and
    through the kernel at each ``rows x num_warps`` of ``--sweep``; interleaved in one
-   process, as ratios to the float32-state step; and ``int8_pallas_apply``, the kernel stepped
+   process, as ratios to the float32-state step; ``int8_pallas_apply`` is the kernel stepped
    with ``rmsprop_jax.update_and_apply`` (the parameter updated inside the kernel).
 """
 
@@ -39,7 +39,7 @@ def _opt(cfg: Any, mode: str) -> Any:
         return make_rmsprop_jax(cfg)
     if mode == "bf16_sr":
         return make_rmsprop_jax(cfg, accumulator_dtype=jnp.bfloat16, stochastic_rounding=True)
-    kernel = {"int8": "xla", "int8_pallas_state": "pallas_state"}.get(mode, "pallas")
+    kernel = {"int8": "xla", "int8_pallas_state": "pallas_state"}.get(mode, "pallas")  # _apply: "pallas"
     return make_rmsprop_jax(cfg, accumulator_dtype="int8", quantization=Blockwise(kernel=kernel))
 
 
@@ -102,13 +102,13 @@ def cost(n: int, sweep: list[tuple[int, int]], configs: list[str], rounds: int) 
         compile_s = {}
         for mode in ["float32", "bf16_sr", "int8"]:
             cases[mode] = JaxCase(_opt(cfg, mode), params, grads, donate=True)
-        cases["int8_pallas_apply"] = JaxCase(_opt(cfg, "int8_pallas"), params, grads, True, fused_apply=True)
         for rows, warps in sweep:
             _set_tiling(rows, warps)
-            for variant in ("int8_pallas", "int8_pallas_state"):
+            for variant in ("int8_pallas", "int8_pallas_state", "int8_pallas_apply"):
                 name = f"{variant}_{rows}x{warps}"
                 try:
-                    cases[name] = JaxCase(_opt(cfg, variant), params, grads, donate=True)
+                    apply = variant == "int8_pallas_apply"
+                    cases[name] = JaxCase(_opt(cfg, variant), params, grads, True, fused_apply=apply)
                 except Exception as e:  # report and go on: a tiling Triton cannot compile
                     print(f"  {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         for name, c in cases.items():

@@ -130,14 +130,20 @@ def cost(n: int, sweep: list[tuple[int, int]], configs: list[str], rounds: int) 
 
 
 def diagnose(n: int, rounds: int) -> list[dict[str, Any]]:
-    """Where the kernel's time goes: the same step with the table reads replaced by wrong but
-    gather-free arithmetic (decode: ``code * absmax / 255``; LUT: ``k >> 8``)."""
+    """Where the kernel's time goes: the step stepped with ``update_and_apply``, with the quantizer's
+    table read (LUT: ``k >> 8``), the map's (decode: ``code / 255``) or both replaced by wrong but
+    gather-free arithmetic."""
     real = _pallas_int8._read
 
-    def fake(ref: Any, index: Any) -> Any:
-        if ref.shape[0] == 256:
-            return index.astype(jnp.float32) * (1 / 255)
-        return (index >> 8).astype(jnp.uint8)
+    def fake(which: set[str]) -> Any:
+        def read(ref: Any, index: Any) -> Any:
+            if ref.shape[0] == 256 and "map" in which:
+                return index.astype(jnp.float32) * (1 / 255)
+            if ref.shape[0] == 65536 and "lut" in which:
+                return (index >> 8).astype(jnp.uint8)
+            return real(ref, index)
+
+        return read
 
     out = []
     rng = np.random.default_rng(0)
@@ -145,21 +151,23 @@ def diagnose(n: int, rounds: int) -> list[dict[str, Any]]:
     grads = {"w": jnp.asarray(1e-2 * rng.standard_normal(n, dtype=np.float32))}
     for cfg in CONFIGS:
         cases: dict[str, Any] = {"float32": JaxCase(_opt(cfg, "float32"), params, grads, donate=True)}
-        for tiling in ((8, 4), (32, 4)):
-            for fake_reads in (False, True):
-                _pallas_int8._read = fake if fake_reads else real  # type: ignore[assignment]
-                _set_tiling(*tiling)
-                for variant in ("int8_pallas", "int8_pallas_state"):
-                    name = f"{variant}_{tiling[0]}x{tiling[1]}" + ("_nogather" if fake_reads else "")
-                    cases[name] = JaxCase(_opt(cfg, variant), params, grads, donate=True)
+        for label, which in (
+            ("", set()),
+            ("_fake_lut", {"lut"}),
+            ("_fake_map", {"map"}),
+            ("_fake_both", {"lut", "map"}),
+        ):
+            _pallas_int8._read = fake(which)  # type: ignore[assignment]
+            _set_tiling(32, 4)
+            cases["int8_pallas_apply" + label] = JaxCase(
+                _opt(cfg, "int8_pallas"), params, grads, True, fused_apply=True
+            )
         _pallas_int8._read = real  # type: ignore[assignment]
         _set_tiling(32, 4)
         times = interleave(cases, rounds, 3)
         base = float(np.median(times["float32"]))
-        row = {
-            "config": cfg.name,
-            "ratio_to_float32": {k: round(float(np.median(v)) / base, 3) for k, v in times.items()},
-        }
+        ratios = {k: round(float(np.median(v)) / base, 3) for k, v in times.items()}
+        row = {"config": cfg.name, "ratio_to_float32": ratios}
         out.append(row)
         print("  diagnose", json.dumps(row), flush=True)
         del cases

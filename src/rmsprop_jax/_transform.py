@@ -529,9 +529,10 @@ def update_and_apply(
     kernel (``quantization=Blockwise(kernel="pallas")``): the kernel then reads the gradient,
     the parameter and the codes and writes the parameter and the codes, 14 bytes per element
     where ``update`` + ``apply_updates`` move 22, in place of the float32-state step's 20.
-    The results are the two-call version's, bit for bit (``tests/test_update_and_apply.py``),
-    except that the fused kernel may compute ``p + (-lr * x)`` as one fused multiply-add (as
-    XLA does when both calls are compiled in one ``jit``): one rounding of the parameter.
+    Under ``jit`` the results are the two-call version's bit for bit
+    (``tests/test_update_and_apply.py``), except that the fused kernel may compute
+    ``p + (-lr * x)`` as one fused multiply-add (as XLA does when both calls are compiled in
+    one ``jit``, and when this function runs eagerly): one rounding of the parameter.
 
     Example:
       >>> import jax, jax.numpy as jnp, rmsprop_jax

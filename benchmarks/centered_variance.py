@@ -21,13 +21,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+if __package__ in (None, ""):  # run as a file: `benchmarks` (which adds src/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks  # noqa: F401
 from rmsprop_jax import _quantize as Q
 from rmsprop_jax._state_codec import VARIANCE_FLOOR
 

@@ -37,19 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    _root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(_root), str(_root / "src")]
-else:
-    try:
-        import rmsprop_jax
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+if __package__ in (None, ""):  # run as a file: `benchmarks` (which adds src/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks  # noqa: F401
 import rmsprop_jax
 from benchmarks.run import JaxCase, _stats, interleave, machine_info, machine_tag, make_tree
 from benchmarks.workloads import CONFIGS, Config, Workload, _uniform, make_rmsprop_jax, workloads

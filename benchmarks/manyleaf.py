@@ -168,15 +168,6 @@ class TorchGraphCase:
         return time.perf_counter() - t0
 
 
-def _stats(ts: list[float]) -> dict[str, float]:
-    a = np.asarray(ts) * 1e3
-    return {
-        "median_ms": float(np.median(a)),
-        "p25_ms": float(np.percentile(a, 25)),
-        "p75_ms": float(np.percentile(a, 75)),
-    }
-
-
 def measure(
     wl: Workload,
     cfg: Config,
@@ -213,7 +204,7 @@ def measure(
     p_pk = cases["packed"].step(jax.tree.map(jnp.copy, params), make_impl("packed", cfg).init(params), grads)[
         0
     ]
-    from benchmarks.run import compare_trees  # run imports this module: import here
+    from benchmarks.run import _stats, compare_trees  # run imports this module: import here
 
     diff, bitwise = compare_trees(p_def, p_pk)
     del p_def, p_pk

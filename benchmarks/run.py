@@ -36,20 +36,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `src` importable
-    _root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(_root), str(_root / "src")]
-else:
-    try:
-        import rmsprop_jax  # noqa: F401
-    except ImportError:  # a fresh clone without `pip install -e .`
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
+if __package__ in (None, ""):  # run as a file: `benchmarks` (which adds src/) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import benchmarks  # noqa: F401
 from benchmarks import manyleaf, report
 from benchmarks.workloads import (
     CONFIGS,

@@ -31,7 +31,6 @@ row gathers, which compile like element-wise kernels.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,15 +39,10 @@ import jax
 
 from rmsprop_jax import _quantize
 from rmsprop_jax._state_codec import PLAIN, Codec, step_leaf
-from rmsprop_jax._update import Flags, Scalars
+from rmsprop_jax._update import Flags, Scalars, split_scalars
 
 LeafOut = tuple[jax.Array, Any, Any, Any]
-_STATIC_TYPES = (bool, int, float)
 _PLAIN3 = (PLAIN, PLAIN, PLAIN)
-
-
-def _is_static(x: Any) -> bool:
-    return x is None or type(x) in _STATIC_TYPES
 
 
 @functools.lru_cache(maxsize=128)
@@ -104,9 +98,7 @@ def apply_leaves(
     (:func:`~rmsprop_jax._quantize.leaf_keys`) are derived here.
     ``apply``: each leaf returns its new parameter instead of its update (``step_leaf``).
     """
-    values = {f.name: getattr(scalars, f.name) for f in dataclasses.fields(scalars)}
-    static = tuple((k, type(v), v) for k, v in values.items() if _is_static(v))
-    dynamic = {k: v for k, v in values.items() if not _is_static(v)}
+    static, dynamic = split_scalars(scalars)
     codecs = codecs if codecs is not None else [_PLAIN3] * len(gs)
     keys = None if rounding is None else _quantize.leaf_keys(*rounding, len(gs))
     if keys is not None:

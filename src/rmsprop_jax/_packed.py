@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax._executor import _is_static
-from rmsprop_jax._update import Flags, Scalars, rms_leaf
+from rmsprop_jax._update import Flags, Scalars, rms_leaf, split_scalars
 
 _MAX_ROW = 512  # elements per gathered row when splitting the flat update back into leaves
 _BIG = 1 << 14  # leaves at least this big are gathered with dynamic_update_slice, not concatenate
@@ -363,9 +362,7 @@ def update(
     check_packable(gs)
     if ps is not None:
         check_packable(ps)
-    values = {f.name: getattr(scalars, f.name) for f in dataclasses.fields(scalars)}
-    static = tuple((k, type(v), v) for k, v in values.items() if _is_static(v))
-    dynamic = {k: v for k, v in values.items() if not _is_static(v)}
+    static, dynamic = split_scalars(scalars)
     wd_static: list[bool | None] = []
     group_masks: list[Any] = []
     for group in layout.groups:

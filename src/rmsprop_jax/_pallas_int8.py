@@ -32,7 +32,6 @@ dimension a multiple of ``block_size``; every other leaf keeps the XLA path.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from rmsprop_jax import _quantize
-from rmsprop_jax._update import Flags, Scalars, rms_leaf
+from rmsprop_jax._update import Flags, Scalars, rms_leaf, split_scalars
 
 Array = jax.Array
 
@@ -59,10 +58,6 @@ def eligible(shape: tuple[int, ...], block_size: int, axis: int | None) -> bool:
     if axis is None or len(shape) <= 1:
         return size % block_size == 0
     return shape[-1] % block_size == 0
-
-
-def _is_static(x: Any) -> bool:
-    return x is None or type(x) in (bool, int, float)
 
 
 def _tables(signed: bool) -> tuple[Array, Array]:
@@ -86,7 +81,7 @@ def _rows(num_blocks: int, rows: int) -> int:
 def fused_step(
     flags: Flags,
     s: Scalars,
-    configs: tuple[Any, ...],
+    config: Any,
     g: Array,
     p: Array | None,
     nu: Any,
@@ -101,17 +96,15 @@ def fused_step(
     num_warps: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[Array | None, Any, Any, Any]:
-    """``step_leaf`` for a leaf whose accumulators are all ``QuantizedLeaf`` (one ``Blockwise`` config each).
+    """``step_leaf`` for a leaf whose accumulators are all ``QuantizedLeaf`` of one ``Blockwise`` ``config``.
 
-    ``configs``: the ``Blockwise`` configuration of (nu, mu, trace) (``None`` where absent).
     Returns ``(update or None, nu, mu, trace)`` as ``QuantizedLeaf`` values (the caller's type).
     ``apply=True`` (with ``with_update``): the first output is the new parameter ``p + update``
     (in ``p``'s dtype, as ``optax.apply_updates``), written over ``p``'s buffer.
     """
     from rmsprop_jax._state_codec import QuantizedLeaf
 
-    cfg = configs[0]
-    bs = cfg.block_size
+    bs = config.block_size
     shape = g.shape
     nb = math.prod(shape) // bs
     r = _rows(nb, rows or ROWS)
@@ -119,19 +112,16 @@ def fused_step(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
 
-    fields = [f.name for f in dataclasses.fields(s)]
-    fixed = {k: getattr(s, k) for k in fields if _is_static(getattr(s, k))}
-    dyn_names = [k for k in fields if k not in fixed]
+    static, dynamic = split_scalars(s)
+    fixed = {k: v for k, _, v in static}
+    dyn_names = list(dynamic)
     n_scal = max(1, 1 << max(0, len(dyn_names) - 1).bit_length())  # a power of two for Triton
-    scal = jnp.zeros((n_scal,), jnp.float32)
-    for i, k in enumerate(dyn_names):
-        scal = scal.at[i].set(jnp.asarray(getattr(s, k), jnp.float32))
+    values = [jnp.asarray(v, jnp.float32) for v in dynamic.values()]
+    scal = jnp.stack(values + [jnp.float32(0)] * (n_scal - len(values)))
 
-    accs = [(x, c) for x, c in zip((nu, mu, trace), configs, strict=True) if x is not None]
+    accs = [x for x in (nu, mu, trace) if x is not None]
     present = [x is not None for x in (nu, mu, trace)]
-    signed = {c.signed for _, c in accs}
-    assert len(signed) == 1 and all(c.block_size == bs for _, c in accs)
-    table, lut = _tables(signed.pop())
+    table, lut = _tables(config.signed)
 
     def full(n: int) -> pl.BlockSpec:
         return pl.BlockSpec((n,), lambda i: (0,))
@@ -143,7 +133,7 @@ def fused_step(
     if p is not None:
         args.append(p.reshape(nb, bs))
         in_specs.append(tile)
-    for x, _ in accs:
+    for x in accs:
         args += [x.codes.reshape(nb, bs), x.absmax.reshape(nb)]
         in_specs += [tile, vec]
     out_shape = []

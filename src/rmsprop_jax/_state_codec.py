@@ -287,15 +287,14 @@ def step_leaf(
     """
     c_nu, c_mu, c_tr = codecs
     var_floor = max(c_nu.variance_floor, c_mu.variance_floor) if flags.centered else 0.0
-    kernel = _fused_kernel(codecs, g, nu, mu, trace, wd_on)
-    if kernel is not None:
-        # One Pallas kernel decodes, steps and encodes (wd_on is a Python bool: _fused_kernel).
-        configs = tuple(c.config if isinstance(c, Quantized) else None for c in codecs)
-        with_update = kernel == "pallas"
+    fused_config = _kernel_config(codecs, g, (nu, mu, trace), wd_on)
+    if fused_config is not None:
+        # One Pallas kernel decodes, steps and encodes (wd_on is a Python bool: _kernel_config).
+        with_update = fused_config.kernel == "pallas"
         fused = _pallas_int8.fused_step(
             flags,
             s,
-            configs,
+            fused_config,
             g,
             p,
             nu,
@@ -317,7 +316,7 @@ def step_leaf(
     if apply:
         assert p is not None
         u = (p + u).astype(p.dtype)
-    if kernel is not None:  # "pallas_state": the update from this program, the state from the kernel
+    if fused_config is not None:  # "pallas_state": the update from this program, the state from the kernel
         return u, *fused[1:]
 
     def bits(i: int, x: Array) -> Any:
@@ -333,18 +332,14 @@ def step_leaf(
     )
 
 
-def _fused_kernel(codecs: tuple[Codec, Codec, Codec], g: Array, *accs_and_mask: Any) -> str | None:
-    """The Pallas kernel variant to use for this leaf (``Blockwise.kernel``), or ``None`` for XLA."""
-    *accs, wd_on = accs_and_mask
+def _kernel_config(
+    codecs: tuple[Codec, Codec, Codec], g: Array, accs: tuple[Any, Any, Any], wd_on: Any
+) -> Blockwise | None:
+    """The ``Blockwise`` configuration if this leaf is stepped by the Pallas kernel, else ``None`` (XLA)."""
     present = [c for x, c in zip(accs, codecs, strict=True) if x is not None]
     if not present or not all(isinstance(c, Quantized) for c in present):
         return None
-    configs = {c.config for c in present}  # type: ignore[union-attr]
-    if len(configs) != 1:
+    config: Blockwise = present[0].config  # type: ignore[union-attr]  # one Storage: one config
+    if config.kernel == "xla" or not isinstance(wd_on, bool):
         return None
-    cfg = configs.pop()
-    if cfg.kernel == "xla" or not isinstance(wd_on, bool):
-        return None
-    if not _pallas_int8.eligible(tuple(g.shape), cfg.block_size, cfg.axis):
-        return None
-    return str(cfg.kernel)
+    return config if _pallas_int8.eligible(tuple(g.shape), config.block_size, config.axis) else None

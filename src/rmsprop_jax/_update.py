@@ -35,7 +35,7 @@ bfloat16 parameters, to reproduce its numbers bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import jax
@@ -77,6 +77,18 @@ class Scalars:
     coupled_wd: Scalar
     decoupled_wd: Scalar
     bias_correction: Scalar  # 1 - decay**t, or None
+
+
+def split_scalars(s: Scalars) -> tuple[tuple[tuple[str, type, Any], ...], dict[str, Any]]:
+    """``s``'s trace-time constants (``None`` or Python numbers) as ``(name, type, value)`` and its
+    array values by name: an executor bakes the first into a compiled kernel and passes the second.
+
+    The type is kept so that ``1`` and ``1.0`` (equal hashes, different JAX types) stay distinct
+    as cache keys. ``Scalars(**{n: v for n, _, v in static}, **dynamic) == s``.
+    """
+    values = {f.name: getattr(s, f.name) for f in fields(s)}
+    static = tuple((k, type(v), v) for k, v in values.items() if v is None or type(v) in (bool, int, float))
+    return static, {k: v for k, v in values.items() if k not in {name for name, _, _ in static}}
 
 
 def compute_dtype(*dtypes: Any) -> Any:

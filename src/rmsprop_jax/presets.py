@@ -15,6 +15,10 @@ disagree on four things, and each changes the trajectory:
     bitsandbytes    outside, 1e-8  0     (no buffer)    coupled (L2)            0.99   ignored   refused
     hinton_2012     none (0)       0     (no buffer)    none                    0.9    none      never
 
+Every preset except :func:`bitsandbytes` (which has its own ``optim_bits``) also takes a
+keyword-only ``accumulator_dtype``: how the state is stored, with :func:`rmsprop`'s values
+(``"int8"``, ``jnp.bfloat16``, ...); the default keeps each parameter's dtype.
+
 Each function takes the source's own argument names and defaults and returns
 an :func:`rmsprop_jax.rmsprop` transformation that reproduces the source step
 for step (the tests compare them live against ``torch.optim.RMSprop`` and Keras 3,
@@ -91,6 +95,8 @@ def pytorch(
     momentum: float = 0,
     centered: bool = False,
     maximize: bool = False,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""``torch.optim.RMSprop`` (PyTorch 2.x), step for step.
 
@@ -160,6 +166,7 @@ def pytorch(
         decoupled_weight_decay=False,
         lr_in_momentum=False,
         maximize=maximize,
+        accumulator_dtype=accumulator_dtype,
     )
 
 
@@ -170,6 +177,8 @@ def keras(
     epsilon: float = 1e-7,
     centered: bool = False,
     weight_decay: ScalarOrSchedule | None = None,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras 3 ``keras.optimizers.RMSprop``, step for step.
 
@@ -233,6 +242,7 @@ def keras(
         weight_decay=_weight_decay_or_none("weight_decay", weight_decay),
         decoupled_weight_decay=True,
         lr_in_momentum=True,
+        accumulator_dtype=accumulator_dtype,
     )
 
 
@@ -242,6 +252,8 @@ def tensorflow_v1(
     momentum: float = 0.0,
     epsilon: float = 1e-10,
     centered: bool = False,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""TensorFlow 1 ``tf.compat.v1.train.RMSPropOptimizer``, step for step.
 
@@ -295,6 +307,7 @@ def tensorflow_v1(
         centered=centered,
         momentum=_momentum_or_none("momentum", momentum),
         lr_in_momentum=True,
+        accumulator_dtype=accumulator_dtype,
     )
 
 
@@ -307,6 +320,8 @@ def timm_tf(
     centered: bool = False,
     decoupled_decay: bool = False,
     lr_in_momentum: bool = True,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""timm's ``timm.optim.RMSpropTF`` ("PyTorch RMSprop with TensorFlow epsilon"), step for step.
 
@@ -370,6 +385,7 @@ def timm_tf(
         weight_decay=_weight_decay_or_none("weight_decay", weight_decay),
         decoupled_weight_decay=bool(decoupled_decay),
         lr_in_momentum=bool(lr_in_momentum),
+        accumulator_dtype=accumulator_dtype,
     )
 
 
@@ -378,6 +394,8 @@ def graves_2013(
     decay: float = 0.95,
     momentum: float = 0.9,
     eps: float = 1e-4,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Graves (2013), *Generating Sequences With Recurrent Neural Networks*, eqs. 38-41.
 
@@ -422,6 +440,7 @@ def graves_2013(
         centered=True,
         momentum=momentum,
         lr_in_momentum=True,
+        accumulator_dtype=accumulator_dtype,
     )
 
 
@@ -430,6 +449,8 @@ def dqn_2015(
     squared_gradient_momentum: float = 0.95,
     gradient_momentum: float = 0.95,
     min_squared_gradient: float = 0.01,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The RMSProp of DQN (Mnih et al., *Nature* 2015), as in DeepMind's released code.
 
@@ -491,6 +512,7 @@ def dqn_2015(
         eps_in_sqrt=True,
         centered=True,
         momentum=None,
+        accumulator_dtype=accumulator_dtype,
     )
 
 
@@ -498,6 +520,8 @@ def hinton_2012(
     learning_rate: ScalarOrSchedule,
     decay: float = 0.9,
     eps: float = 0.0,
+    *,
+    accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp as introduced in Hinton's *Neural Networks for Machine Learning*, lecture 6e (2012).
 
@@ -526,7 +550,14 @@ def hinton_2012(
     _lr("learning_rate", learning_rate)
     _number("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
     _eps("eps", eps)
-    return rmsprop(learning_rate, decay=decay, eps=eps, initial_scale=0.0, eps_in_sqrt=True)
+    return rmsprop(
+        learning_rate,
+        decay=decay,
+        eps=eps,
+        initial_scale=0.0,
+        eps_in_sqrt=True,
+        accumulator_dtype=accumulator_dtype,
+    )
 
 
 def bitsandbytes(

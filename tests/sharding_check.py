@@ -209,7 +209,7 @@ def main() -> dict:
     return report
 
 
-# 8-bit block-wise state: blocks along rows (Blockwise(layout="rows")), so a block never
+# 8-bit block-wise state: blocks along rows (Int8(layout="rows")), so a block never
 # straddles a shard: rows sharded (FSDP), or columns sharded in multiples of 256.
 INT8_LAYOUTS = {
     "fsdp_rows": ((8,), ("fsdp",), {"w": ((64, 600), P("fsdp", None)), "v": ((8, 4096), P("fsdp", None))}),
@@ -230,9 +230,7 @@ def _int8_configs() -> dict[str, optax.GradientTransformation]:
         "bf16_stochastic": rmsprop_jax.rmsprop(1e-2, accumulator_dtype=jnp.bfloat16),
         # The contrast (the checks can fail): bitsandbytes' flattened blocks cross the shards
         # of a column-sharded array.
-        "int8_flat_contrast": rmsprop_jax.rmsprop(
-            1e-2, accumulator_dtype="int8", quantization=rmsprop_jax.Blockwise(layout="flat")
-        ),
+        "int8_flat_contrast": rmsprop_jax.rmsprop(1e-2, accumulator_dtype=rmsprop_jax.Int8(layout="flat")),
     }
 
 
@@ -276,15 +274,6 @@ def int8_cases() -> list:
             k: jax.device_put(v, NamedSharding(mesh, leaves[k][1]))
             for k, v in _int8_values(leaves, 100).items()
         }
-        # The fused Pallas kernel has no partitioning rule: init and update refuse sharded leaves.
-        fused = rmsprop_jax.rmsprop(
-            1e-3, accumulator_dtype="int8", quantization=rmsprop_jax.Blockwise(kernel="pallas")
-        )
-        refusals = [
-            _refusal(fused.init, params),
-            _refusal(fused.update, grads, fused.init(lp), params),
-        ]
-        cases.append({"layout": layout, "config": "pallas_refusal", "messages": refusals})
         for cname, opt in configs.items():
             state = jax.jit(opt.init)(params)
             compiled = jax.jit(opt.update).lower(grads, state, params).compile()

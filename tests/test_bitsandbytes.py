@@ -132,8 +132,7 @@ def _int8(**blockwise: Any) -> optax.GradientTransformation:
         decay=0.99,
         eps=1e-8,
         eps_in_sqrt=False,
-        accumulator_dtype="int8",
-        quantization=rmsprop_jax.Blockwise(**cfg),
+        accumulator_dtype=rmsprop_jax.Int8(**cfg),
     )
 
 

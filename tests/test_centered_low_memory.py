@@ -5,7 +5,7 @@ mean dominates its noise, v is ~1 % of nu^: within the rounding error of a store
 and mu (int8 dynamic codes ~1.4 %, bfloat16 one ulp 0.4-0.8 %), so it decoded to 0 and
 the step became ``g / sqrt(eps)``; centered + momentum then diverged on the noisy
 quadratic of ``benchmarks/lowmem_quality.py`` within ~100-150 steps. The lossy codecs
-now floor v at ``c * nu^`` with ``c`` their resolution (``_state_codec.VARIANCE_FLOOR``).
+now floor v at ``c * nu^`` with ``c`` their resolution (``_codecs.VARIANCE_FLOOR``).
 
 Checked here: the diverging case converges for int8, bf16-SR state on float32 params
 and bf16 params (default SR state), finite throughout, final loss within ``FACTOR`` of
@@ -27,13 +27,13 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import _executor, _state_codec
+from rmsprop_jax import _codecs, _executor
 from rmsprop_jax._update import Flags, Scalars, rms_leaf
 
 N, STEPS, LR = 4096, 400, 1e-4
 FACTOR = 1.25  # measured 0.93-1.11; without the floor: inf/NaN or > 1e12
 MODES: dict[str, dict[str, Any]] = {
-    "int8": {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(min_size=0)},
+    "int8": {"accumulator_dtype": rmsprop_jax.Int8(min_size=0)},
     "bf16_sr": {"accumulator_dtype": jnp.bfloat16},
     "bf16_params": {},  # bfloat16 parameters: bfloat16 state, stochastic rounding by default
     "float32": {"accumulator_dtype": jnp.float32},  # the baseline, on either parameter dtype
@@ -94,7 +94,7 @@ def test_lossy_centered_momentum_converges_like_float32_state(mode: str) -> None
 @pytest.mark.parametrize("mode", ["int8", "bf16_sr", "bf16_params"])
 def test_without_the_floor_it_diverges(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The mutation: the floor switched off reproduces the bug, so the test above can fail."""
-    monkeypatch.setattr(_state_codec, "VARIANCE_FLOOR", dict.fromkeys(_state_codec.VARIANCE_FLOOR, 0.0))
+    monkeypatch.setattr(_codecs, "VARIANCE_FLOOR", dict.fromkeys(_codecs.VARIANCE_FLOOR, 0.0))
     losses = _quadratic(mode, _dtype(mode))
     assert not (np.isfinite(losses).all() and losses.max() <= 2 * losses[0])
 
@@ -132,7 +132,7 @@ def test_floor_arithmetic_against_numpy(jit: bool, bias_correction: bool) -> Non
 
 
 def test_float32_state_has_no_floor_and_matches_optax() -> None:
-    assert _state_codec.PLAIN.variance_floor == 0.0
+    assert _codecs.PLAIN.variance_floor == 0.0
     params = {"x": jnp.linspace(-1.0, 1.0, 300, dtype=jnp.float32)}
     ours, theirs = (
         rmsprop_jax.rmsprop(1e-2, centered=True, momentum=0.9),

@@ -1,6 +1,6 @@
-"""The update executor (``_executor.apply_leaves``) against the straightforward per-leaf loop.
+"""The update executor (``_executor.run``) against the straightforward per-leaf loop.
 
-``apply_leaves`` traces ``rms_leaf`` once per leaf signature (a nested ``jax.jit``)
+``run`` traces ``rms_leaf`` once per leaf signature (a nested ``jax.jit``)
 instead of op by op. It must not change a single bit: every comparison here is
 bitwise, on many-leaf trees mixing shapes, float32/bfloat16/float16/complex64
 leaves, ``None`` leaves and ``optax.MaskedNode``, across the option space
@@ -22,7 +22,8 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import _executor, _state_codec, _transform
+from reference_executor import run_reference
+from rmsprop_jax import _executor
 from rmsprop_jax._update import rms_leaf
 
 STEPS = 3
@@ -147,12 +148,12 @@ def _assert_bitwise(a: Any, b: Any) -> None:
 
 def _with_executor(executor: Any, make: Any) -> Any:
     """Build and trace an optimizer while ``_transform`` uses ``executor``."""
-    saved = _transform.apply_leaves
-    _transform.apply_leaves = executor
+    saved = _executor.run
+    _executor.run = executor
     try:
         return make()
     finally:
-        _transform.apply_leaves = saved
+        _executor.run = saved
 
 
 def _rmsprop(kw: dict[str, Any]) -> optax.GradientTransformation:
@@ -164,14 +165,14 @@ def _rmsprop(kw: dict[str, Any]) -> optax.GradientTransformation:
 def test_executor_bitwise_equals_per_leaf_loop(name: str) -> None:
     kw = COMBOS[name]
     fast = _run(_rmsprop(kw))
-    slow = _with_executor(_executor.apply_leaves_reference, lambda: _run(_rmsprop(kw)))
+    slow = _with_executor(run_reference, lambda: _run(_rmsprop(kw)))
     _assert_bitwise(fast, slow)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(fast))
 
 
 def test_scale_by_rms_executor_bitwise() -> None:
     make = lambda: _run(rmsprop_jax.scale_by_rms(0.7, 1e-6, centered=True, bias_correction=True))
-    _assert_bitwise(make(), _with_executor(_executor.apply_leaves_reference, make))
+    _assert_bitwise(make(), _with_executor(run_reference, make))
 
 
 def test_eager_update_equals_jitted_reference() -> None:
@@ -182,7 +183,7 @@ def test_eager_update_equals_jitted_reference() -> None:
     eager = opt.update(g0, opt.init(PARAMS), PARAMS)
     ref_opt = _rmsprop(kw)
     jitted = _with_executor(
-        _executor.apply_leaves_reference,
+        run_reference,
         lambda: jax.jit(ref_opt.update)(g0, ref_opt.init(PARAMS), PARAMS),
     )
     _assert_bitwise(eager, jitted)
@@ -201,11 +202,9 @@ def test_eager_equals_jit_where_op_by_op_would_not() -> None:
 def test_wrong_executor_fails_the_comparison() -> None:
     """Mutation check: an executor that ignores static weight-decay masks must be caught."""
 
-    def mask_ignoring(
-        flags: Any, scalars: Any, gs: Any, ps: Any, nus: Any, mus: Any, trs: Any, masks: Any, **codecs: Any
-    ) -> Any:
+    def mask_ignoring(flags: Any, scalars: Any, gs: Any, ps: Any, masks: Any, *rest: Any, **kw: Any) -> Any:
         masks = [True if m is False else m for m in masks]
-        return _executor.apply_leaves_reference(flags, scalars, gs, ps, nus, mus, trs, masks, **codecs)
+        return run_reference(flags, scalars, gs, ps, masks, *rest, **kw)
 
     kw = COMBOS["centered_nesterov_masked_wd"]
     fast = _run(_rmsprop(kw))
@@ -222,7 +221,7 @@ def test_rms_leaf_traced_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> 
         calls.append(1)
         return rms_leaf(*args, **kwargs)
 
-    monkeypatch.setattr(_state_codec, "rms_leaf", counting)
+    monkeypatch.setattr(_executor, "rms_leaf", counting)
     params = {f"a{i}": jnp.ones(4) for i in range(150)} | {f"b{i}": jnp.ones((2, 3)) for i in range(50)}
     opt = rmsprop_jax.rmsprop(0.0123456)  # a learning rate no other test uses: a fresh cache entry
     jax.jit(opt.update).lower(params, opt.init(params), params)

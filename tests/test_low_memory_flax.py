@@ -36,7 +36,7 @@ def loss(model: Any, x: jax.Array, y: jax.Array) -> jax.Array:
 
 FORMATS = {
     "int8_centered_momentum": {"accumulator_dtype": "int8", "centered": True, "momentum": 0.9},
-    "bf16_sr": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
+    "bf16_sr": {"accumulator_dtype": rmsprop_jax.Float(jnp.bfloat16, rounding="stochastic")},
 }
 
 

@@ -222,12 +222,25 @@ def test_interop_exports_refuse_quantized_state() -> None:
         rmsprop_jax.interop.to_pytorch(state, sd)
 
 
-def test_bad_quantization_arguments_raise() -> None:
+def test_bad_format_values_raise() -> None:
     with pytest.raises(ValueError, match="block_size=0"):
-        rmsprop_jax.Blockwise(block_size=0)
+        rmsprop_jax.Int8(block_size=0)
     with pytest.raises(ValueError, match="layout='cols'"):
-        rmsprop_jax.Blockwise(layout="cols")
-    with pytest.raises(ValueError, match="needs accumulator_dtype='int8'"):
-        rmsprop_jax.rmsprop(1e-3, quantization=rmsprop_jax.Blockwise())
+        rmsprop_jax.Int8(layout="cols")
+    with pytest.raises(ValueError, match="min_size=-1"):
+        rmsprop_jax.Int8(min_size=-1)
+    with pytest.raises(ValueError, match="signed=1"):
+        rmsprop_jax.Int8(signed=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rounding='up'"):
+        rmsprop_jax.Float(jnp.bfloat16, rounding="up")
+    with pytest.raises(ValueError, match="seed=-1"):
+        rmsprop_jax.Float(jnp.bfloat16, seed=-1)
+    with pytest.raises(ValueError, match="seed=4294967296"):
+        rmsprop_jax.Float(jnp.bfloat16, seed=2**32)
+    with pytest.raises(ValueError, match=r"Float\(dtype\)=.*int32.* is not a floating dtype"):
+        rmsprop_jax.Float(jnp.int32)
+    for removed in ("quantization", "stochastic_rounding", "rounding_seed"):
+        with pytest.raises(TypeError, match=removed):
+            rmsprop_jax.rmsprop(1e-3, **{removed: None})
     with pytest.raises(ValueError, match="accumulator_dtype='int4'"):
         rmsprop_jax.rmsprop(1e-3, accumulator_dtype="int4")

@@ -29,6 +29,8 @@ from rmsprop_jax._packed import PackedTree
 from test_optax_dropin import OPTIONS, SCHEDULE
 from test_reference import EXTRAS, _jax_sched, _mask, wd_schedule
 
+OPTAX_BF16 = rmsprop_jax.Float(rounding="optax")  # round to nearest, optax's arithmetic
+
 STEPS = 2
 
 
@@ -254,9 +256,9 @@ def _mixed():
 def test_mixed_and_complex_dtypes(accumulator_dtype, kw):
     params, grads = _mixed()
     # Packed buffers are plain: low-precision accumulators round to nearest (optax's arithmetic).
-    kw = dict(kw, stochastic_rounding=False)
-    opt = rmsprop_jax.rmsprop(0.01, accumulator_dtype=accumulator_dtype, **kw)
-    packed = rmsprop_jax.rmsprop(0.01, accumulator_dtype=accumulator_dtype, packed=True, **kw)
+    fmt = rmsprop_jax.Float(accumulator_dtype, rounding="optax")
+    opt = rmsprop_jax.rmsprop(0.01, accumulator_dtype=fmt, **kw)
+    packed = rmsprop_jax.rmsprop(0.01, accumulator_dtype=fmt, packed=True, **kw)
     out = _run_pair(opt, packed, params, grads)
     _assert_pair_equal(out)
     groups = {g.name for g in out[0][1][1].nu.layout.groups}
@@ -499,7 +501,7 @@ def test_packed_refuses_lossy_storage_and_keeps_round_to_nearest() -> None:
         rmsprop_jax.rmsprop(1e-3, accumulator_dtype="int8", packed=True).init(big)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), big)
     with pytest.raises(
-        ValueError, match=r"packed=True cannot store leaf .*Stochastic.*stochastic_rounding=False"
+        ValueError, match=r"packed=True cannot store leaf .*Stochastic.*Float\(rounding='optax'\)"
     ):
         rmsprop_jax.rmsprop(1e-3, packed=True).init(bf16)
     # int8 with only small leaves (all kept float32), and optax's round to nearest, pack fine and
@@ -508,8 +510,8 @@ def test_packed_refuses_lossy_storage_and_keeps_round_to_nearest() -> None:
     rmsprop_jax.rmsprop(1e-3, accumulator_dtype="int8", packed=True).init(small)
     g = jax.tree.map(lambda x: jnp.full_like(x, 0.5), bf16)
     outs = [
-        rmsprop_jax.rmsprop(1e-3, stochastic_rounding=False, packed=packed).update(
-            g, rmsprop_jax.rmsprop(1e-3, stochastic_rounding=False, packed=packed).init(bf16)
+        rmsprop_jax.rmsprop(1e-3, accumulator_dtype=OPTAX_BF16, packed=packed).update(
+            g, rmsprop_jax.rmsprop(1e-3, accumulator_dtype=OPTAX_BF16, packed=packed).init(bf16)
         )[0]
         for packed in (False, True)
     ]

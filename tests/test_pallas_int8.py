@@ -1,6 +1,7 @@
-"""The fused Pallas kernel for 8-bit leaves (``Blockwise(kernel="pallas" | "pallas_state")``).
+"""The fused Pallas kernel for 8-bit leaves, which the executor picks on GPUs (forced here with
+the private switch ``_executor.kernel_mode("pallas")``).
 
-It must reproduce the XLA path (``kernel="xla"``, itself bitsandbytes-exact: test_bitsandbytes.py)
+It must reproduce the XLA path (itself bitsandbytes-exact: test_bitsandbytes.py)
 under every option. On CPU Pallas interprets the kernel with XLA's own arithmetic, so the codes,
 absmax, updates and parameters are compared bit for bit. Compiled by Triton on a GPU, the
 arithmetic of ``rms_leaf`` may contract into different fused multiply-adds; there the test
@@ -18,7 +19,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import Blockwise, QuantizedLeaf, _executor, _pallas_int8
+from rmsprop_jax import Int8, QuantizedLeaf, _executor, _pallas_int8
 
 COMPILED = jax.default_backend() == "gpu"
 SHAPES = {"w": (64, 512), "v": (3, 4096), "odd": (10, 500), "b": (96,)}  # odd: XLA path (500 % 256)
@@ -42,9 +43,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def _run(kernel: str, config: dict[str, Any], layout: str = "rows", steps: int = 5, jit: bool = True):
     kw = dict(config)
     lr = kw.pop("learning_rate", 1e-2)
-    opt = rmsprop_jax.rmsprop(
-        lr, accumulator_dtype="int8", quantization=Blockwise(kernel=kernel, layout=layout), **kw
-    )
+    with _executor.kernel_mode(kernel):
+        return _steps(rmsprop_jax.rmsprop(lr, accumulator_dtype=Int8(layout=layout), **kw), steps, jit)
+
+
+def _steps(opt: optax.GradientTransformation, steps: int, jit: bool) -> Any:
     rng = np.random.default_rng(0)
     params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
     state = opt.init(params)
@@ -75,16 +78,14 @@ def _compare(a: Any, b: Any) -> None:
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kernel", ["pallas_state", "pallas"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_kernel_reproduces_the_xla_path(kernel: str, config: str) -> None:
-    _compare(_run("xla", CONFIGS[config]), _run(kernel, CONFIGS[config]))
+def test_kernel_reproduces_the_xla_path(config: str) -> None:
+    _compare(_run("xla", CONFIGS[config]), _run("pallas", CONFIGS[config]))
 
 
-@pytest.mark.parametrize("kernel", ["pallas_state", "pallas"])
-def test_flat_layout(kernel: str) -> None:
+def test_flat_layout() -> None:
     cfg = {"momentum": 0.9, "centered": True}
-    _compare(_run("xla", cfg, layout="flat"), _run(kernel, cfg, layout="flat"))
+    _compare(_run("xla", cfg, layout="flat"), _run("pallas", cfg, layout="flat"))
 
 
 def test_eager_equals_jitted() -> None:
@@ -92,9 +93,10 @@ def test_eager_equals_jitted() -> None:
 
 
 def _pallas_calls(kernel: str, shapes: dict[str, tuple[int, ...]], **kw: Any) -> int:
-    opt = rmsprop_jax.rmsprop(1e-2, accumulator_dtype="int8", quantization=Blockwise(kernel=kernel), **kw)
+    opt = rmsprop_jax.rmsprop(1e-2, accumulator_dtype="int8", **kw)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
-    jaxpr = str(jax.make_jaxpr(opt.update)(params, opt.init(params), params))
+    with _executor.kernel_mode(kernel):
+        jaxpr = str(jax.make_jaxpr(opt.update)(params, opt.init(params), params))
     return jaxpr.count("pallas_call")
 
 
@@ -103,6 +105,8 @@ def test_the_kernel_runs_once_per_eligible_leaf() -> None:
     assert _pallas_calls("pallas", SHAPES) == 2
     assert _pallas_calls("pallas", SHAPES, momentum=0.9, centered=True) == 2
     assert _pallas_calls("xla", SHAPES) == 0
+    # automatic: the kernel only on GPUs (this test's CPU keeps XLA)
+    assert _pallas_calls("auto", SHAPES) == (2 if COMPILED else 0)
     # A static weight-decay mask is baked in; an array mask keeps the XLA path.
     assert _pallas_calls("pallas", {"w": (64, 512)}, weight_decay=1e-2, weight_decay_mask={"w": True}) == 1
     mask = {"w": jnp.asarray(True)}
@@ -145,8 +149,8 @@ def test_state_types_and_shapes() -> None:
     ],
 )
 def test_eligibility(shape: tuple[int, ...], block: int, layout: str, ok: bool) -> None:
-    axis = Blockwise(layout=layout).axis
-    assert _pallas_int8.eligible(shape, block, axis) is ok
+    axis = Int8(layout=layout).axis
+    assert _executor._kernel_eligible(shape, block, axis) is ok
 
 
 def test_rows_per_instance_divide_the_blocks() -> None:
@@ -155,6 +159,34 @@ def test_rows_per_instance_divide_the_blocks() -> None:
     assert _pallas_int8._rows(7, 32) == 1
 
 
-def test_bad_kernel_name() -> None:
-    with pytest.raises(ValueError, match="kernel='cuda' is invalid; allowed: 'xla', 'pallas' or"):
-        Blockwise(kernel="cuda")
+def test_bad_kernel_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="kernel mode 'cuda' is invalid"):
+        with _executor.kernel_mode("cuda"):
+            pass
+    monkeypatch.setenv("RMSPROP_JAX_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="RMSPROP_JAX_KERNEL='cuda' is invalid"):
+        _executor._mode()
+
+
+def test_the_automatic_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule: 8-bit, eligible, static mask, a GPU backend, and not sharded (or unknown)."""
+    from rmsprop_jax._codecs import PLAIN, Quantized
+
+    q = Quantized()
+    codes = QuantizedLeaf(jnp.zeros((64, 512), jnp.uint8), jnp.zeros((64, 2)))
+    g = jnp.zeros((64, 512))
+    three = (q, PLAIN, PLAIN)
+    assert not _executor.use_kernel(three, g, (codes, None, None), True)  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _executor.use_kernel(three, g, (codes, None, None), True)
+    assert not _executor.use_kernel(three, g, (codes, None, None), jnp.asarray(True))  # array mask
+    assert not _executor.use_kernel((PLAIN, PLAIN, PLAIN), g, (g, None, None), True)  # float state
+    odd = jnp.zeros((10, 500))
+    assert not _executor.use_kernel(three, odd, (codes, None, None), True)  # rows of 500
+    # a tracer with several devices: its sharding is unknown in an Auto mesh, so XLA
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    seen = []
+    jax.make_jaxpr(lambda x: seen.append(_executor.use_kernel(three, x, (codes, None, None), True)))(g)
+    assert seen == [False]
+    with _executor.kernel_mode("xla"):
+        assert not _executor.use_kernel(three, g, (codes, None, None), True)

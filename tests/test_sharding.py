@@ -105,15 +105,6 @@ def test_low_memory_state_is_sharded_like_its_parameter_without_collectives(repo
         assert c["equals_single_device"], where
 
 
-def test_the_pallas_kernel_refuses_sharded_parameters(report):
-    """Blockwise(kernel="pallas") would make XLA gather each sharded leaf: init and update raise."""
-    refusals = [c for c in report["int8_cases"] if c["config"] == "pallas_refusal"]
-    assert len(refusals) == 2
-    for c in refusals:
-        for message in c["messages"]:
-            assert "sharded across devices" in message and "kernel='xla'" in message, (c["layout"], message)
-
-
 # --------------------------------------------------------------------------- in-process, one device
 
 

@@ -1,10 +1,11 @@
 """``rmsprop_jax.update_and_apply``: ``tx.update`` + ``optax.apply_updates`` as one step.
 
-For the package's own transformations the parameter is updated inside each leaf's step (for
-8-bit leaves with ``Blockwise(kernel="pallas")``, inside the fused kernel), so the update is
-never materialized. The result must be the two-call version's bit for bit, for every state
-format and option, jitted and eager (with the fused kernel: within one rounding of the
-parameter per step, see ``_same``); any other transformation takes the two-call path.
+Where the fused 8-bit kernel steps a leaf (picked on GPUs; forced here with the private switch
+``_executor.kernel_mode("pallas")``), the parameter is updated inside the kernel, so the update
+is never materialized -- through the optax wrappers that pass the inner updates on unchanged;
+wrappers that change them get the two calls and a warning. The result must be the two-call
+version's bit for bit, for every state format and option, jitted and eager (with the fused
+kernel: within one rounding of the parameter per step, see ``_same``).
 On a GPU, where the kernel is compiled by Triton, see test_pallas_int8.py for the tolerance.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -21,7 +23,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import Blockwise
+from rmsprop_jax import _executor, _transform
 
 COMPILED = jax.default_backend() == "gpu"
 SHAPES = {"w": (32, 512), "odd": (10, 500), "b": (96,), "bf": (8, 1024)}
@@ -29,10 +31,11 @@ STATES: dict[str, dict[str, Any]] = {
     "float32": {},
     "bf16_sr": {"accumulator_dtype": jnp.bfloat16},
     "int8_xla": {"accumulator_dtype": "int8"},
-    "int8_pallas": {"accumulator_dtype": "int8", "quantization": Blockwise(kernel="pallas")},
-    "int8_pallas_state": {"accumulator_dtype": "int8", "quantization": Blockwise(kernel="pallas_state")},
-    "packed": {"packed": True, "stochastic_rounding": False},  # packed buffers round to nearest
+    "int8_pallas": {"accumulator_dtype": "int8"},  # with kernel_mode("pallas"): see MODES
+    # packed buffers round to nearest
+    "packed": {"packed": True, "accumulator_dtype": rmsprop_jax.Float(rounding="optax")},
 }
+MODES = {"int8_pallas": "pallas"}  # the rest: "xla" (what this CPU picks anyway)
 OPTIONS: dict[str, dict[str, Any]] = {
     "plain": {},
     "centered_nesterov_wd": {"centered": True, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
@@ -68,24 +71,25 @@ def _opt(state: str, option: str) -> optax.GradientTransformation:
     return rmsprop_jax.rmsprop(kw.pop("learning_rate", 1e-2), **kw)
 
 
-def _two_calls(opt: optax.GradientTransformation, steps: int = 4, jit: bool = True) -> Any:
+def _two_calls(opt: optax.GradientTransformation, steps: int = 4, jit: bool = True, mode: str = "xla") -> Any:
     def step(p: Any, s: Any, g: Any) -> Any:
         u, s = opt.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    return _run(opt, step, steps, jit)
+    return _run(opt, step, steps, jit, mode)
 
 
-def _fused(opt: optax.GradientTransformation, steps: int = 4, jit: bool = True) -> Any:
-    return _run(opt, lambda p, s, g: rmsprop_jax.update_and_apply(opt, g, s, p), steps, jit)
+def _fused(opt: optax.GradientTransformation, steps: int = 4, jit: bool = True, mode: str = "xla") -> Any:
+    return _run(opt, lambda p, s, g: rmsprop_jax.update_and_apply(opt, g, s, p), steps, jit, mode)
 
 
-def _run(opt: optax.GradientTransformation, step: Any, steps: int, jit: bool) -> Any:
+def _run(opt: optax.GradientTransformation, step: Any, steps: int, jit: bool, mode: str) -> Any:
     step = jax.jit(step) if jit else step
     params = _params()
-    state = opt.init(params)
-    for g in _grads(steps):
-        params, state = step(params, state, g)
+    with _executor.kernel_mode(mode):
+        state = opt.init(params)
+        for g in _grads(steps):
+            params, state = step(params, state, g)
     return params, state
 
 
@@ -117,13 +121,54 @@ KERNEL_APPLIES = {"int8_pallas"}  # the kernel adds the update to the parameter 
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("state", list(STATES))
 def test_equals_update_then_apply_updates(state: str, option: str) -> None:
-    opt = _opt(state, option)
-    _same(_two_calls(opt), _fused(opt), rounding_steps=4 if state in KERNEL_APPLIES else 0)
+    opt, mode = _opt(state, option), MODES.get(state, "xla")
+    _same(
+        _two_calls(opt, mode=mode),
+        _fused(opt, mode=mode),
+        rounding_steps=4 if state in KERNEL_APPLIES else 0,
+    )
 
 
 def test_eager_equals_jitted() -> None:
     opt = _opt("int8_pallas", "centered_nesterov_wd")
-    _same(_fused(opt, jit=False), _fused(opt))
+    _same(_fused(opt, jit=False, mode="pallas"), _fused(opt, mode="pallas"))
+
+
+INT8 = dict(accumulator_dtype="int8", centered=True, momentum=0.9)
+WRAPPERS: dict[str, tuple[Any, bool]] = {  # name: (the transformation, whether the kernel applies)
+    "bare": (lambda: rmsprop_jax.rmsprop(1e-2, **INT8), True),
+    "inject_hyperparams": (lambda: optax.inject_hyperparams(rmsprop_jax.rmsprop)(1e-2, **INT8), True),
+    "chain_clip": (
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), rmsprop_jax.rmsprop(1e-2, **INT8)),
+        True,
+    ),
+    "masked": (
+        lambda: optax.masked(
+            rmsprop_jax.rmsprop(1e-2, **INT8), {"w": True, "odd": True, "b": False, "bf": True}
+        ),
+        True,
+    ),
+    "MultiSteps": (lambda: optax.MultiSteps(rmsprop_jax.rmsprop(1e-2, **INT8), every_k_schedule=2), False),
+    "chain_then_scale": (lambda: optax.chain(rmsprop_jax.rmsprop(1e-2, **INT8), optax.scale(0.5)), False),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_the_fused_step_through_optax_wrappers(wrapper: str) -> None:
+    """Which wrappers the kernel fuses through (it updates the parameter), and that every one
+    equals the two calls; a wrapper that changes the updates warns once, naming its state."""
+    make, fuses = WRAPPERS[wrapper]
+    opt = make()
+    _transform._warned.clear()
+    _transform.fused_trace_log.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _fused(opt, mode="pallas")
+    log = list(_transform.fused_trace_log)
+    assert log and all(n == (2 if fuses else 0) for n in log), log  # w and bf are eligible
+    messages = [str(w.message) for w in caught if "update_and_apply" in str(w.message)]
+    assert len(messages) == (0 if fuses else 1), messages
+    _same(_two_calls(opt, mode="pallas"), fused, rounding_steps=4)
 
 
 def test_scale_by_rms_and_foreign_transformations() -> None:
@@ -147,11 +192,12 @@ def test_the_kernel_updates_the_parameter_in_place() -> None:
     """With the fused kernel the parameter is an input/output alias of the pallas_call."""
     opt = _opt("int8_pallas", "plain")
     params = {"w": jnp.zeros((32, 512))}
-    jaxpr = jax.make_jaxpr(lambda p, s, g: rmsprop_jax.update_and_apply(opt, g, s, p))(
-        params, opt.init(params), params
-    )
-    found = re.findall(r"input_output_aliases=(\(\(.*?\)\))", str(jaxpr))
-    assert len(found) == 1  # one pallas_call
+    with _executor.kernel_mode("pallas"):
+        jaxpr = jax.make_jaxpr(lambda p, s, g: rmsprop_jax.update_and_apply(opt, g, s, p))(
+            params, opt.init(params), params
+        )
+    found = [f for f in re.findall(r"input_output_aliases=(\(\(.*?\)\))", str(jaxpr)) if "(4, 0)" in f]
+    assert len(found) == 1  # one pallas_call writes the parameter (the plain one is dead code)
     aliases = dict(ast.literal_eval(found[0]))
     assert aliases[4] == 0  # input 4 (the parameter) -> output 0 (the new parameter)
     assert aliases[5] == 1 and aliases[6] == 2  # codes and absmax in place too
@@ -159,17 +205,17 @@ def test_the_kernel_updates_the_parameter_in_place() -> None:
 
 def test_a_kernel_that_writes_the_update_instead_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutation: if the kernel wrote ``u`` where the new parameter belongs, the comparison fails."""
-    from rmsprop_jax import _executor, _pallas_int8
+    from rmsprop_jax import _pallas_int8
 
     opt = _opt("int8_pallas", "plain")
-    reference = _two_calls(opt)
+    reference = _two_calls(opt, mode="pallas")
     real = _pallas_int8.fused_step
     monkeypatch.setattr(_pallas_int8, "fused_step", lambda *a, **k: real(*a, **{**k, "apply": False}))
     _executor._leaf_fn.cache_clear()
     jax.clear_caches()
     try:
         with pytest.raises(AssertionError):
-            _same(reference, _fused(opt))
+            _same(reference, _fused(opt, mode="pallas"))
     finally:
         _executor._leaf_fn.cache_clear()
         jax.clear_caches()

@@ -5,17 +5,20 @@ modules is private.
 """
 
 from rmsprop_jax import interop, presets
+from rmsprop_jax._codecs import QuantizedLeaf, decode
+from rmsprop_jax._formats import Float, Int8
 from rmsprop_jax._quantize import dequantize_blockwise, quantize_blockwise
-from rmsprop_jax._state_codec import Blockwise, QuantizedLeaf
 from rmsprop_jax._transform import RmsPropState, rmsprop, scale_by_rms, update_and_apply
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Blockwise",
+    "Float",
+    "Int8",
     "QuantizedLeaf",
     "RmsPropState",
     "__version__",
+    "decode",
     "dequantize_blockwise",
     "interop",
     "presets",

@@ -33,7 +33,6 @@ refuses them with an error that says so.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -41,8 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from rmsprop_jax._update import Flags, Scalars, rms_leaf, split_scalars
 
 _MAX_ROW = 512  # elements per gathered row when splitting the flat update back into leaves
 _BIG = 1 << 14  # leaves at least this big are gathered with dynamic_update_slice, not concatenate
@@ -103,7 +100,7 @@ class PackedTree:
         """The accumulator as a tree shaped like the parameters (copies, for inspection)."""
         leaves: list[Any] = [None] * self.layout.treedef.num_leaves
         for g, buf in zip(self.layout.groups, self.buffers, strict=True):
-            for i, x in zip(g.leaves, _split(buf, g), strict=True):
+            for i, x in zip(g.leaves, split(buf, g), strict=True):
                 leaves[i] = x
         return self.layout.treedef.unflatten(leaves)
 
@@ -239,7 +236,7 @@ def _size(x: Any) -> int:
     return math.prod(np.shape(x))
 
 
-def _gather(xs: Sequence[Any], group: Group, dtype: Any) -> Any:
+def gather(xs: Sequence[Any], group: Group, dtype: Any) -> Any:
     """The group's leaves as one flat vector: small ones concatenated, big ones copied in place."""
     flat = [jnp.asarray(xs[i], dtype).reshape(-1) for i in group.leaves]
     small = [x for x in flat if x.size < _BIG]  # the layout puts them first
@@ -286,106 +283,5 @@ def _take(flat: Any, offset: int, shape: tuple[int, ...]) -> Any:
     return rows.reshape(shape)
 
 
-def _split(flat: Any, group: Group) -> list[Any]:
+def split(flat: Any, group: Group) -> list[Any]:
     return [_take(flat, o, s) for o, s in zip(group.offsets, group.shapes, strict=True)]
-
-
-# --------------------------------------------------------------------------- update
-
-
-@functools.lru_cache(maxsize=64)
-def _packed_fn(
-    flags: Flags,
-    static: tuple[tuple[str, type, Any], ...],
-    layout: Layout,
-    wd_static: tuple[bool | None, ...],
-    has_params: bool,
-) -> Callable[..., Any]:
-    """One jitted function for the whole packed update of a layout and static configuration.
-
-    Jitted so that eager ``update`` calls run the same compiled program as a jitted
-    training step (inlined there), as the per-leaf executor does.
-    """
-    fixed = {name: value for name, _, value in static}
-
-    def update(
-        dynamic: dict[str, Any], gs: list[Any], ps: list[Any], nus: Any, mus: Any, trs: Any, masks: Any
-    ) -> tuple[list[Any], tuple[list[Any], list[Any], list[Any]]]:
-        scalars = Scalars(**fixed, **dynamic)
-        n = layout.treedef.num_leaves
-        updates: list[Any] = [None] * n
-        new: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
-        for k, group in enumerate(layout.groups):
-            g_dtype = jnp.result_type(*(gs[i] for i in group.leaves)) if group.leaves else group.acc_dtype
-            g = _gather(gs, group, g_dtype)
-            p = _gather(ps, group, jnp.result_type(*(ps[i] for i in group.leaves))) if has_params else None
-            if wd_static[k] is None:  # array masks: one boolean per element
-                wd_on: Any = _gather(
-                    [
-                        jnp.broadcast_to(jnp.asarray(m, bool), s)
-                        for m, s in zip(masks[k], group.shapes, strict=True)
-                    ],
-                    dataclasses.replace(group, leaves=tuple(range(len(group.leaves)))),
-                    bool,
-                )
-            else:
-                wd_on = wd_static[k]
-            mu = None if mus is None else mus[k]
-            tr = None if trs is None else trs[k]
-            u, nu_k, mu_k, tr_k = rms_leaf(flags, scalars, g, p, nus[k], mu, tr, wd_on)
-            for i, x in zip(group.leaves, _split(u, group), strict=True):
-                updates[i] = x.astype(jnp.result_type(gs[i]))
-            for out, x in zip(new, (nu_k, mu_k, tr_k), strict=True):
-                out.append(x)
-        return updates, new
-
-    return jax.jit(update)
-
-
-def update(
-    flags: Flags,
-    scalars: Scalars,
-    gs: list[Any],
-    ps: list[Any] | None,
-    masks: list[Any],
-    nu: Any,
-    mu: Any,
-    trace: Any,
-) -> tuple[list[Any], Any, Any, Any]:
-    """One RMSProp step on packed accumulators: gather, one :func:`rms_leaf` per group, split.
-
-    ``gs``/``ps``/``masks`` are per leaf, in the order of the flattened parameter tree;
-    ``nu``/``mu``/``trace`` are :class:`PackedTree` (or ``None``), typed ``Any`` for optax's state types.
-    Returns the per-leaf updates (in each gradient's dtype) and the new packed accumulators.
-    """
-    layout = nu.layout
-    check_packable(gs)
-    if ps is not None:
-        check_packable(ps)
-    static, dynamic = split_scalars(scalars)
-    wd_static: list[bool | None] = []
-    group_masks: list[Any] = []
-    for group in layout.groups:
-        ms = [masks[i] for i in group.leaves]
-        if all(isinstance(m, bool) for m in ms) and len(set(ms)) <= 1:
-            wd_static.append(ms[0] if ms else True)
-            group_masks.append(None)
-        else:  # the mask differs within the group (or is an array): one boolean per element
-            wd_static.append(None)
-            group_masks.append([jnp.asarray(m, bool) for m in ms])
-    fn = _packed_fn(flags, static, layout, tuple(wd_static), ps is not None)
-    updates, (nus, mus, trs) = fn(
-        dynamic,
-        list(gs),
-        list(ps) if ps is not None else [],
-        nu.buffers,
-        None if mu is None else mu.buffers,
-        None if trace is None else trace.buffers,
-        group_masks,
-    )
-    return (
-        updates,
-        PackedTree(nus, layout),
-        None if mu is None else PackedTree(mus, layout),
-        None if trace is None else PackedTree(trs, layout),
-    )

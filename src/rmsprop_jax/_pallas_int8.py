@@ -18,16 +18,9 @@ tests). Results equal the XLA path's bit for bit in interpret mode
 contract differently into fused multiply-adds, so a ``nu`` can differ in its last bit and,
 rarely, a code by one.
 
-``with_update=False`` (``Blockwise(kernel="pallas_state")``) writes only the new state:
-the update is then computed by the caller's XLA program (which fuses it with
-``optax.apply_updates``), the kernel re-deriving the new accumulators from the same
-inputs. Measured on an H100 (256M-element leaf, ``benchmarks/gpu/pallas_int8.py``): about
-equal to ``"pallas"`` with plain RMSProp, slower centered with momentum (1.6x vs 1.3x the
-float32-state step), where the XLA program has to decode three accumulators again.
-
-Used for a leaf whose blocks are whole rows of ``block_size`` (a power of two): the
-flattened layout with ``size % block_size == 0`` or the per-row layout with the last
-dimension a multiple of ``block_size``; every other leaf keeps the XLA path.
+The executor (:mod:`rmsprop_jax._executor`) decides which leaves it steps: those whose blocks are
+whole rows of ``block_size`` (a power of two), on a GPU, unsharded; every other leaf keeps the
+XLA path. Pallas is imported when a kernel is built, not with the package.
 """
 
 from __future__ import annotations
@@ -37,27 +30,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from rmsprop_jax import _quantize
+from rmsprop_jax._codecs import Quantized
 from rmsprop_jax._update import Flags, Scalars, rms_leaf, split_scalars
 
 Array = jax.Array
 
 ROWS = 32  # blocks per kernel instance (32 x 256 = 8192 elements)
 NUM_WARPS = 4
-
-
-def eligible(shape: tuple[int, ...], block_size: int, axis: int | None) -> bool:
-    """Whether a leaf of ``shape`` cuts into whole blocks of ``block_size`` (a power of two)."""
-    if block_size < 16 or block_size & (block_size - 1):
-        return False
-    size = math.prod(shape)
-    if size == 0:
-        return False
-    if axis is None or len(shape) <= 1:
-        return size % block_size == 0
-    return shape[-1] % block_size == 0
 
 
 def _tables(signed: bool) -> tuple[Array, Array]:
@@ -81,7 +62,7 @@ def _rows(num_blocks: int, rows: int) -> int:
 def fused_step(
     flags: Flags,
     s: Scalars,
-    config: Any,
+    config: Quantized,
     g: Array,
     p: Array | None,
     nu: Any,
@@ -90,19 +71,18 @@ def fused_step(
     wd_on: bool,
     var_floor: float,
     *,
-    with_update: bool = True,
     apply: bool = False,
     rows: int | None = None,
     num_warps: int | None = None,
     interpret: bool | None = None,
-) -> tuple[Array | None, Any, Any, Any]:
-    """``step_leaf`` for a leaf whose accumulators are all ``QuantizedLeaf`` of one ``Blockwise`` ``config``.
+) -> tuple[Array, Any, Any, Any]:
+    """``step_leaf`` for a leaf whose accumulators are all ``QuantizedLeaf`` of one codec ``config``.
 
-    Returns ``(update or None, nu, mu, trace)`` as ``QuantizedLeaf`` values (the caller's type).
-    ``apply=True`` (with ``with_update``): the first output is the new parameter ``p + update``
+    Returns ``(update, nu, mu, trace)``, the accumulators as ``QuantizedLeaf`` values.
+    ``apply=True``: the first output is the new parameter ``p + update``
     (in ``p``'s dtype, as ``optax.apply_updates``), written over ``p``'s buffer.
     """
-    from rmsprop_jax._state_codec import QuantizedLeaf
+    from jax.experimental import pallas as pl
 
     bs = config.block_size
     shape = g.shape
@@ -136,19 +116,16 @@ def fused_step(
     for x in accs:
         args += [x.codes.reshape(nb, bs), x.absmax.reshape(nb)]
         in_specs += [tile, vec]
-    out_shape = []
-    out_specs = []
-    if apply and (p is None or not with_update):
-        raise ValueError("apply=True needs the parameter and with_update=True")
-    if with_update:
-        out_shape.append(jax.ShapeDtypeStruct((nb, bs), p.dtype if apply else g.dtype))  # type: ignore[union-attr]
-        out_specs.append(tile)
+    if apply and p is None:
+        raise ValueError("apply=True needs the parameter")
+    out_shape = [jax.ShapeDtypeStruct((nb, bs), p.dtype if apply and p is not None else g.dtype)]
+    out_specs = [tile]
     for _ in accs:
         out_shape += [jax.ShapeDtypeStruct((nb, bs), jnp.uint8), jax.ShapeDtypeStruct((nb,), jnp.float32)]
         out_specs += [tile, vec]
     # The new codes and absmax overwrite the old ones (in place when the caller donates the state).
     first_acc_in = 5 if p is not None else 4
-    first_acc_out = 1 if with_update else 0
+    first_acc_out = 1
     aliases = {first_acc_in + j: first_acc_out + j for j in range(2 * len(accs))}
     if apply:
         aliases[4] = 0  # the new parameter over the old one
@@ -176,7 +153,7 @@ def fused_step(
         if apply:
             assert p_val is not None
             outs.pop(0)[...] = (p_val + u).astype(p_val.dtype)
-        elif with_update:
+        else:
             outs.pop(0)[...] = u
         for x in new:
             if x is not None:
@@ -200,12 +177,12 @@ def fused_step(
         compiler_params=compiler_params,
     )(*args)
     results = list(results)
-    u_out = results.pop(0).reshape(shape) if with_update else None
+    u_out = results.pop(0).reshape(shape)
     new_accs: list[Any] = []
     for x in (nu, mu, trace):
         if x is None:
             new_accs.append(None)
         else:
             codes, absmax = results.pop(0), results.pop(0)
-            new_accs.append(QuantizedLeaf(codes.reshape(shape), absmax.reshape(x.absmax.shape)))
+            new_accs.append(config.leaf(codes.reshape(shape), absmax.reshape(x.absmax.shape)))
     return u_out, new_accs[0], new_accs[1], new_accs[2]

@@ -1,14 +1,17 @@
-"""Init/update plumbing around :func:`rmsprop_jax._update.rms_leaf`.
+"""The optax plumbing around :func:`rmsprop_jax._update.rms_leaf`: state type, init, update.
 
-Tree mapping, state layout, schedules, dtype handling and validation live here;
-the arithmetic does not.
+``update`` reads top to bottom: restore the state (a state that went through Flax NNX holds
+mappings), check the gradient tree, compute the step's scalars, run the executor
+(:mod:`rmsprop_jax._executor`, which chooses how), build the new state. The arithmetic is in
+``_update``, the storage formats in ``_formats`` and ``_codecs``, validation in ``_validate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-import weakref
+import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias, cast
 
@@ -17,22 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _packed
-from rmsprop_jax._executor import apply_leaves
-from rmsprop_jax._state_codec import (
-    DEFAULT_STORAGE,
-    PLAIN,
-    Blockwise,
-    Stochastic,
-    Storage,
-    is_quantized,
-    restore_quantized,
-    stored_shape,
-)
+from rmsprop_jax import _executor, _packed, _validate
+from rmsprop_jax._codecs import PLAIN, Codec, Quantized, is_quantized, restore_quantized, stored_shape
+from rmsprop_jax._formats import Format, Int8, resolve
 from rmsprop_jax._update import Flags, Scalars
 
 ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
 MaskOrFn: TypeAlias = Any  # a pytree of bools (or a prefix of the params tree), or params -> such a pytree
+AccumulatorDtype: TypeAlias = Any  # None, a floating dtype, "int8", Float(...) or Int8(...)
 
 
 class RmsPropState(NamedTuple):
@@ -46,10 +41,10 @@ class RmsPropState(NamedTuple):
       mu: exponential moving average of gradients (``centered=True``), else ``None``.
       trace: momentum buffer (``momentum`` not ``None``), else ``None``.
 
-    With ``accumulator_dtype="int8"`` an accumulator leaf of a large parameter is a
-    :class:`QuantizedLeaf` ``(codes, absmax)`` in place of an array (so
-    ``optax.tree.get(state, "nu")`` returns the tree with those nodes); decode one
-    with :func:`rmsprop_jax.dequantize_blockwise` (block size and layout as configured).
+    With 8-bit state (``accumulator_dtype="int8"``) an accumulator leaf of a large parameter is
+    a :class:`QuantizedLeaf` ``(codes, absmax)`` in place of an array (so
+    ``optax.tree.get(state, "nu")`` returns the tree with those nodes). :func:`rmsprop_jax.decode`
+    turns any accumulator leaf, in every format, back into float32.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
@@ -59,113 +54,6 @@ class RmsPropState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _concrete(x: Any) -> float | None:
-    """``x`` as a Python float if it is a concrete real scalar, else ``None`` (traced: unchecked)."""
-    if isinstance(x, jax.core.Tracer) or callable(x):
-        return None
-    arr = np.asarray(x)
-    if arr.shape != () or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise ValueError(f"expected a real scalar number, got {x!r} of shape {arr.shape}")
-    return float(arr)
-
-
-def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
-    try:
-        v = _concrete(value)
-    except ValueError as e:
-        raise ValueError(f"{name}={value!r} is invalid: {e}; allowed: {allowed}.") from None
-    if v is not None and not (math.isfinite(v) and ok(v)):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}.")
-
-
-def _check_dtype(name: str, dtype: Any) -> Any:
-    if dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"{name}={dtype!r} is not a dtype; allowed: a floating dtype or None.") from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(
-            f"{name}={dtype!r} is not a floating dtype; allowed: a floating dtype, 'int8' or None."
-        )
-    return dt
-
-
-def _storage(
-    accumulator_dtype: Any, stochastic_rounding: Any, rounding_seed: Any, quantization: Any
-) -> tuple[Any, Storage]:
-    """(float accumulator dtype or None, storage choice) from the public arguments."""
-    int8 = isinstance(accumulator_dtype, str) and accumulator_dtype == "int8"
-    if not int8 and accumulator_dtype is not None and not isinstance(accumulator_dtype, str):
-        try:
-            int8 = jnp.dtype(accumulator_dtype) == jnp.dtype(jnp.int8)
-        except TypeError:
-            pass
-    if stochastic_rounding not in (None, True, False):
-        raise ValueError(
-            f"stochastic_rounding={stochastic_rounding!r} is invalid; allowed: None (automatic: on for "
-            "bfloat16/float16 accumulators), True or False (round to nearest, as optax)."
-        )
-    # None is seed 0. (A numeric default would make optax.inject_hyperparams inject it, so the
-    # injected state would no longer have optax.rmsprop's structure: checkpoints would not carry over.)
-    if rounding_seed is None:
-        rounding_seed = 0
-    # optax.inject_hyperparams passes numbers as (possibly traced) arrays: checked when concrete.
-    if not isinstance(rounding_seed, jax.core.Tracer):
-        seed = np.asarray(rounding_seed)
-        if seed.shape != () or seed.dtype.kind not in "iu" or not 0 <= int(seed) < 2**32:
-            raise ValueError(
-                f"rounding_seed={rounding_seed!r} is invalid; allowed: an integer in [0, 2**32)."
-            )
-    if quantization is not None and not isinstance(quantization, Blockwise):
-        raise ValueError(
-            f"quantization={quantization!r} is invalid; allowed: None or rmsprop_jax.Blockwise(...)."
-        )
-    if quantization is not None and not int8:
-        raise ValueError(
-            f"quantization={quantization!r} needs accumulator_dtype='int8', got {accumulator_dtype!r}."
-        )
-    storage = Storage(
-        int8=int8,
-        blockwise=quantization or Blockwise(),
-        stochastic=stochastic_rounding,
-        seed=rounding_seed,
-    )
-    if int8:
-        return jnp.dtype(jnp.float32), storage
-    if isinstance(accumulator_dtype, str) and accumulator_dtype not in ("int8",):
-        try:
-            jnp.dtype(accumulator_dtype)
-        except TypeError:
-            raise ValueError(
-                f"accumulator_dtype={accumulator_dtype!r} is not a dtype; "
-                "allowed: a floating dtype, 'int8' or None."
-            ) from None
-    return _check_dtype("accumulator_dtype", accumulator_dtype), storage
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}={value!r} is not a bool; allowed: True or False.")
-    return bool(value)
-
-
-def _validate_core(decay: Any, eps: Any, initial_scale: Any) -> None:
-    _check("decay", decay, lambda v: 0 <= v < 1, "0 <= decay < 1")
-    _check("eps", eps, lambda v: v >= 0, "eps >= 0")
-    _check("initial_scale", initial_scale, lambda v: v >= 0, "initial_scale >= 0")
-
-
-def _static_zero(x: Any) -> bool:
-    """True for ``None`` and for a concrete zero: the option is statically off."""
-    if x is None:
-        return True
-    if callable(x) or isinstance(x, jax.core.Tracer):
-        return False
-    return float(np.asarray(x)) == 0.0
 
 
 # --------------------------------------------------------------------------- state
@@ -195,56 +83,24 @@ def _accumulator_dtypes(param_dtype: Any, accumulator_dtype: Any) -> tuple[Any, 
     return real, base
 
 
-def _check_packable(params: Any, accumulator_dtype: Any, storage: Storage) -> None:
-    """``packed=True`` stores plain float buffers: 8-bit or stochastically rounded leaves raise."""
-    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-        for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype):
-            codec = storage.codec(tuple(p.shape), dt)
-            if codec is not PLAIN:
-                raise ValueError(
-                    f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
-                    f"({p.shape}, {jnp.dtype(dt)} accumulators) as {type(codec).__name__}: the packed "
-                    "layout holds plain float buffers. Use packed=False for 8-bit or stochastically "
-                    "rounded state, or stochastic_rounding=False (round to nearest, as optax) with "
-                    "low-precision accumulators."
-                )
-
-
-def _check_kernel_unsharded(leaves: Any, storage: Storage) -> None:
-    """``Blockwise(kernel="pallas"...)`` refuses parameters sharded over several devices."""
-    if not storage.int8 or storage.blockwise.kernel == "xla":
-        return
-    found = _packed.sharded_leaf(leaves)
-    if found is not None:
-        leaf, sharding = found
-        raise ValueError(
-            f"quantization=Blockwise(kernel={storage.blockwise.kernel!r}) cannot be used with parameters "
-            f"sharded across devices: a leaf of shape {jnp.shape(leaf)} has sharding {sharding}. A Pallas "
-            "kernel has no partitioning rule, so XLA would gather every such leaf onto each device. Use "
-            "kernel='xla' (the default), whose 8-bit state is sharded like its parameter and updated "
-            "with no communication."
-        )
-
-
 def _init_state(
     params: Any,
     initial_scale: Any,
     centered: bool,
     momentum: bool,
-    accumulator_dtype: Any,
-    storage: Storage = DEFAULT_STORAGE,
+    fmt: Format,
 ) -> RmsPropState:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     nus, mus, traces = [], [], []
 
     def new(p: Any, value: Any, dtype: Any) -> Any:
-        codec = storage.codec(tuple(p.shape), dtype)
+        codec = fmt.codec(tuple(p.shape), dtype)
         if codec is PLAIN:
             return _full_like_param(p, value, dtype)
         return codec.init(_full_like_param(p, value, jnp.float32))
 
     for path, p in paths_leaves:
-        nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype)
+        nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype)
         nus.append(new(p, initial_scale, nu_dt))
         if centered:
             mus.append(new(p, 0, acc_dt))
@@ -285,7 +141,7 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 # --------------------------------------------------------------------------- update
 
 
-def _check_structure(grads: Any, state: RmsPropState, params: Any) -> jax.tree_util.PyTreeDef:
+def _check_structure(grads: Any, state: RmsPropState, params: Any) -> Any:
     """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
     packed = _packed.structure(state.nu)
@@ -370,143 +226,174 @@ def _call_compiled(fn: Callable[[jax.Array], Any], count: jax.Array) -> Any:
     return fn(count)
 
 
-def _make(
-    *,
-    learning_rate: ScalarOrSchedule | None,
-    decay: Any,
-    eps: Any,
-    initial_scale: Any,
-    flags: Flags,
-    momentum: Any,
-    weight_decay: ScalarOrSchedule | None,
-    decoupled_weight_decay: bool,
-    weight_decay_mask: MaskOrFn | None,
-    accumulator_dtype: Any,
-    storage: Storage = DEFAULT_STORAGE,
-    packed: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Build the transformation. ``weight_decay`` is ``None`` when statically off."""
+def _codec_of(fmt: Format, stored: Any) -> Codec:
+    """The codec that produced a stored accumulator (read from its type and dtype)."""
+    if stored is None:
+        return PLAIN
+    if is_quantized(stored):
+        return Quantized(stored.block_size, stored.signed, stored.layout)
+    if isinstance(fmt, Int8):
+        return PLAIN
+    return fmt.codec((), jnp.result_type(stored))
+
+
+def _check_packable(params: Any, fmt: Format) -> None:
+    """``packed=True`` stores plain float buffers: 8-bit or stochastically rounded leaves raise."""
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype):
+            codec = fmt.codec(tuple(p.shape), dt)
+            if codec is not PLAIN:
+                raise ValueError(
+                    f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
+                    f"({p.shape}, {jnp.dtype(dt)} accumulators) as {type(codec).__name__}: the packed "
+                    "layout holds plain float buffers. Use packed=False for 8-bit or stochastically "
+                    "rounded state, or accumulator_dtype=rmsprop_jax.Float(rounding='optax') (round to "
+                    "nearest, as optax) with low-precision accumulators."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything a transformation was built with (validated; ``weight_decay`` ``None`` when off)."""
+
+    learning_rate: ScalarOrSchedule | None
+    decay: Any
+    eps: Any
+    initial_scale: Any
+    flags: Flags
+    momentum: Any
+    weight_decay: ScalarOrSchedule | None
+    decoupled_weight_decay: bool
+    weight_decay_mask: MaskOrFn | None
+    fmt: Format
+    packed: bool
+
+    def scalars(self, count: jax.Array, count_inc: jax.Array) -> Scalars:
+        """The step's hyperparameter values (schedules evaluated at ``count``)."""
+        wd = _value(self.weight_decay, count)
+        return Scalars(
+            lr=_value(self.learning_rate, count),
+            decay=self.decay,
+            one_minus_decay=1 - self.decay,
+            eps=self.eps,
+            momentum=self.momentum,
+            coupled_wd=None if self.decoupled_weight_decay else wd,
+            decoupled_wd=wd if self.decoupled_weight_decay else None,
+            bias_correction=_bias_correction(self.decay, count_inc) if self.flags.bias_correction else None,
+        )
+
+
+class _Recorder:
+    """Handed to ``update`` by :func:`update_and_apply` (as an extra argument, which optax's wrappers
+    pass on): where the fused kernel steps a leaf, ``update`` also computes that leaf's new
+    parameter inside the kernel and records, per leaf, the plain outputs beside the fused ones."""
+
+    KEY = "_rmsprop_jax_update_and_apply"
+
+    def __init__(self) -> None:
+        # per leaf: (update, [its state leaves], new parameter, [the fused step's state leaves])
+        self.leaves: list[tuple[Any, list[Any], Any, list[Any]]] = []
+
+
+def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
+    flags = c.flags
 
     def init_fn(params: optax.Params) -> RmsPropState:
-        if packed:
-            _check_packable(params, accumulator_dtype, storage)
-            return _init_packed(params)
-        _check_kernel_unsharded(jax.tree.leaves(params), storage)
-        return _init_state(params, initial_scale, flags.centered, flags.momentum, accumulator_dtype, storage)
-
-    def _init_packed(params: optax.Params) -> RmsPropState:
+        if not c.packed:
+            return _init_state(params, c.initial_scale, flags.centered, flags.momentum, c.fmt)
+        _check_packable(params, c.fmt)
         treedef = jax.tree.structure(params)
-        masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else None
+        masks = _mask_leaves(c.weight_decay_mask, params, treedef) if c.weight_decay is not None else None
         layout = _packed.build_layout(
-            params,
-            lambda path, p: _accumulator_dtypes(_float_leaf_dtype(path, p), accumulator_dtype),
-            masks,
+            params, lambda path, p: _accumulator_dtypes(_float_leaf_dtype(path, p), c.fmt.dtype), masks
         )
         return RmsPropState(
             count=jnp.zeros([], jnp.int32),
-            nu=_packed.full(layout, initial_scale, "nu"),
+            nu=_packed.full(layout, c.initial_scale, "nu"),
             mu=_packed.full(layout, 0, "acc") if flags.centered else None,
             trace=_packed.full(layout, 0, "acc") if flags.momentum else None,
         )
 
     def update_fn(
-        updates: optax.Updates,
-        state: RmsPropState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
+        updates: optax.Updates, state: RmsPropState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, RmsPropState]:
-        del extra_args  # optax's convention: keywords other transformations need are accepted and ignored
-        return step(updates, state, params, apply=False)
-
-    def apply_fn(
-        updates: optax.Updates, state: RmsPropState, params: optax.Params, **extra_args: Any
-    ) -> tuple[optax.Params, RmsPropState]:
-        del extra_args
-        if params is None:
-            raise ValueError(
-                "update_and_apply needs the parameters: update_and_apply(tx, grads, state, params)."
-            )
-        return step(updates, state, params, apply=True)
-
-    def step(
-        updates: optax.Updates, state: RmsPropState, params: optax.Params | None, apply: bool
-    ) -> tuple[Any, RmsPropState]:
-        """``update`` (``apply=False``), or ``update`` and ``optax.apply_updates`` in one (``apply=True``)."""
-        # A state that went through Flax NNX's Optimizer holds mappings: see restore_quantized.
-        if storage.int8:
+        # optax's convention: keywords other transformations need are accepted and ignored.
+        recorder = extra_args.get(_Recorder.KEY)
+        # 1. restore the state: a state that went through Flax NNX's Optimizer holds mappings.
+        if isinstance(c.fmt, Int8):
+            codec = c.fmt.quantized_codec()
             state = state._replace(
-                nu=restore_quantized(state.nu),
-                mu=restore_quantized(state.mu),
-                trace=restore_quantized(state.trace),
+                nu=restore_quantized(state.nu, codec),
+                mu=restore_quantized(state.mu, codec),
+                trace=restore_quantized(state.trace, codec),
             )
+        # 2. check the tree.
         treedef = _check_structure(updates, state, params)
-        if weight_decay is not None and params is None:
+        if c.weight_decay is not None and params is None:
             raise ValueError(
-                f"weight_decay={weight_decay!r} needs the parameters: call update(grads, state, params)."
+                f"weight_decay={c.weight_decay!r} needs the parameters: call update(grads, state, params)."
             )
-        count = state.count
-        count_inc = cast(jax.Array, optax.safe_increment(count))
-        wd = _value(weight_decay, count)
-        scalars = Scalars(
-            lr=_value(learning_rate, count),
-            decay=decay,
-            one_minus_decay=1 - decay,
-            eps=eps,
-            momentum=momentum,
-            coupled_wd=None if decoupled_weight_decay else wd,
-            decoupled_wd=wd if decoupled_weight_decay else None,
-            bias_correction=_bias_correction(decay, count_inc) if flags.bias_correction else None,
-        )
+        # 3. the step's scalars.
+        count_inc = cast(jax.Array, optax.safe_increment(state.count))
+        scalars = c.scalars(state.count, count_inc)
+        # 4. the executor.
         n = treedef.num_leaves
         gs = treedef.flatten_up_to(updates)
-        if packed:  # one flat buffer per leaf group: see _packed
-            masks = (
-                _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
-            )
-            ps_ = treedef.flatten_up_to(params) if weight_decay is not None else None
-            outs_, nu_, mu_, tr_ = _packed.update(
-                flags, scalars, gs, ps_, masks, state.nu, state.mu, state.trace
-            )
-            out_tree = treedef.unflatten(outs_)
-            if apply:
-                out_tree = optax.apply_updates(params, out_tree)  # type: ignore[arg-type]
-            return out_tree, RmsPropState(count=count_inc, nu=nu_, mu=mu_, trace=tr_)
-        _check_kernel_unsharded(gs, storage)
-        nus = treedef.flatten_up_to(state.nu)
-        mus = treedef.flatten_up_to(state.mu) if flags.centered else [None] * n
-        trs = treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n
-        ps = treedef.flatten_up_to(params) if weight_decay is not None or apply else [None] * n
-        masks = _mask_leaves(weight_decay_mask, params, treedef) if weight_decay is not None else [True] * n
-
-        # rms_leaf on every leaf, inside its storage codecs, traced once per distinct leaf
-        # signature (see _executor and _state_codec).
-        codecs = [
-            (storage.codec_of(nu), storage.codec_of(mu), storage.codec_of(tr))
-            for nu, mu, tr in zip(nus, mus, trs, strict=True)
-        ]
-        if all(c is PLAIN for cs in codecs for c in cs):
-            outs = apply_leaves(flags, scalars, gs, ps, nus, mus, trs, masks, apply=apply)
-        else:
-            stochastic = any(isinstance(c, Stochastic) for cs in codecs for c in cs)
-            rounding = (storage.seed, count) if stochastic else None
-            outs = apply_leaves(
-                flags, scalars, gs, ps, nus, mus, trs, masks, codecs=codecs, rounding=rounding, apply=apply
-            )
-        cols = list(zip(*outs, strict=True)) or [()] * 4
-        new_updates, new_nu, new_mu, new_trace = (treedef.unflatten(list(c)) for c in cols)
-        return new_updates, RmsPropState(
-            count=count_inc,
-            nu=new_nu,
-            mu=new_mu if flags.centered else None,
-            trace=new_trace if flags.momentum else None,
+        needs_params = c.weight_decay is not None or recorder is not None
+        ps = treedef.flatten_up_to(params) if needs_params and params is not None else None
+        masks = (
+            _mask_leaves(c.weight_decay_mask, params, treedef) if c.weight_decay is not None else [True] * n
         )
+        if c.packed:
+            accs: tuple[Any, Any, Any] = (state.nu, state.mu, state.trace)
+            codecs = None
+        else:
+            accs = (
+                treedef.flatten_up_to(state.nu),
+                treedef.flatten_up_to(state.mu) if flags.centered else [None] * n,
+                treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n,
+            )
+            codecs = [tuple(_codec_of(c.fmt, x) for x in leaf) for leaf in zip(*accs, strict=True)]
+        stochastic = codecs is not None and any(type(x).__name__ == "Stochastic" for cs in codecs for x in cs)
+        rounding = (c.fmt.seed, state.count) if stochastic else None
+        args = (flags, scalars, gs, ps if c.weight_decay is not None else None, masks, *accs)
+        result = _executor.run(*args, codecs, rounding)  # type: ignore[arg-type]
+        # 5. the new state.
+        new_state = _new_state(c, treedef, count_inc, result)
+        new_updates = treedef.unflatten(result.outs)
+        if recorder is not None and ps is not None and any(result.kernel):
+            fused = _executor.run(flags, scalars, gs, ps, masks, *accs, codecs, rounding, apply=True)  # type: ignore[arg-type]
+            for i in range(n):
+                if result.kernel[i]:
+                    recorder.leaves.append(
+                        (result.outs[i], _acc_leaves(result, i), fused.outs[i], _acc_leaves(fused, i))
+                    )
+        return new_updates, new_state
 
-    _FUSED_APPLY[update_fn] = apply_fn
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]
 
 
-# update -> its update-and-apply, for the transformations this module built (see update_and_apply).
-_FUSED_APPLY: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Any]] = weakref.WeakKeyDictionary()
+def _acc_leaves(result: _executor.Result, i: int) -> list[Any]:
+    return jax.tree.leaves([result.nu[i], result.mu[i], result.trace[i]])
+
+
+def _new_state(c: _Config, treedef: Any, count_inc: jax.Array, result: _executor.Result) -> RmsPropState:
+    if c.packed:
+        return RmsPropState(count=count_inc, nu=result.nu, mu=result.mu, trace=result.trace)
+    return RmsPropState(
+        count=count_inc,
+        nu=treedef.unflatten(result.nu),
+        mu=treedef.unflatten(result.mu) if c.flags.centered else None,
+        trace=treedef.unflatten(result.trace) if c.flags.momentum else None,
+    )
+
+
+# --------------------------------------------------------------------------- update and apply
+
+
+_warned: set[str] = set()
+# For tests: per trace of update_and_apply, how many leaves the fused kernel updated in place.
+fused_trace_log: list[int] = []
 
 
 def update_and_apply(
@@ -518,37 +405,89 @@ def update_and_apply(
 ) -> tuple[optax.Params, optax.OptState]:
     """``tx.update`` followed by ``optax.apply_updates``, as one step: ``(new_params, new_state)``.
 
-    For any transformation this is exactly::
+    For any transformation the result is that of::
 
         updates, state = tx.update(grads, state, params, **extra_args)
         params = optax.apply_updates(params, updates)
 
-    For a transformation built by :func:`rmsprop` or :func:`scale_by_rms` (not wrapped in
-    another transformation) the parameter is updated inside the step, so the update is
-    never written to memory and read back. That matters for 8-bit state with the fused
-    kernel (``quantization=Blockwise(kernel="pallas")``): the kernel then reads the gradient,
-    the parameter and the codes and writes the parameter and the codes, 14 bytes per element
-    where ``update`` + ``apply_updates`` move 22, in place of the float32-state step's 20.
-    Under ``jit`` the results are the two-call version's bit for bit
-    (``tests/test_update_and_apply.py``), except that the fused kernel may compute
-    ``p + (-lr * x)`` as one fused multiply-add (as XLA does when both calls are compiled in
-    one ``jit``, and when this function runs eagerly): one rounding of the parameter.
+    Where the package's fused 8-bit kernel steps a leaf (CUDA GPUs, see the docs' performance
+    page), the parameter is updated inside the kernel, so the update is never written to memory
+    and read back: the kernel reads the gradient, the parameter and the codes and writes the
+    parameter and the codes, 14 bytes per element where ``update`` + ``apply_updates`` move 22
+    (H100, 256M-element leaf: 0.90x the float32-state step). This is a property of the
+    transformations :func:`rmsprop` and :func:`scale_by_rms` build, wherever they sit inside
+    ``tx``: it holds through ``optax.inject_hyperparams``, ``optax.chain`` (as the last
+    transformation) and ``optax.masked``, every wrapper that passes the inner updates and state
+    on unchanged. A wrapper that changes them (``optax.MultiSteps``, a transformation chained
+    after the RMSProp) gets the two calls, with a warning, once per wrapper, that names it.
+
+    The step runs under ``jax.jit`` (inlined into a caller's ``jit``), so that the fused and
+    the plain computation of a leaf are never both carried out. The results equal the two-call
+    version's under ``jit`` bit for bit, except that the kernel may compute
+    ``p + (-lr * x)`` as one fused multiply-add: one rounding of the parameter.
 
     Example:
       >>> import jax, jax.numpy as jnp, rmsprop_jax
       >>> opt = rmsprop_jax.rmsprop(0.1)
       >>> params = {"w": jnp.ones(3)}
       >>> state = opt.init(params)
-      >>> params, state = jax.jit(rmsprop_jax.update_and_apply, static_argnums=0)(
-      ...     opt, {"w": jnp.ones(3)}, state, params)
+      >>> params, state = rmsprop_jax.update_and_apply(opt, {"w": jnp.ones(3)}, state, params)
       >>> params["w"]
       Array([0.68377227, 0.68377227, 0.68377227], dtype=float32)
     """
-    fused = _FUSED_APPLY.get(tx.update)
-    if fused is not None:
-        return cast(tuple[Any, Any], fused(grads, state, params, **extra_args))
-    updates, state = tx.update(grads, state, params, **extra_args)
-    return optax.apply_updates(params, updates), state
+    if params is None:
+        raise ValueError("update_and_apply needs the parameters: update_and_apply(tx, grads, state, params).")
+    if not _accepts_extra_args(tx):
+        updates, state = tx.update(grads, state, params, **extra_args)
+        return optax.apply_updates(params, updates), state
+    return cast(tuple[Any, Any], _update_and_apply_jit(tx, grads, state, params, extra_args))
+
+
+def _accepts_extra_args(tx: Any) -> bool:
+    """optax's ExtraArgs transformations and duck-typed ones (``optax.MultiSteps``) with ``**kwargs``."""
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return True
+    try:
+        parameters = inspect.signature(tx.update).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _update_and_apply_jit(tx: Any, grads: Any, state: Any, params: Any, extra_args: Any) -> Any:
+    recorder = _Recorder()
+    updates, new_state = tx.update(grads, state, params, **extra_args, **{_Recorder.KEY: recorder})
+    if not recorder.leaves:
+        return optax.apply_updates(params, updates), new_state
+    u_leaves, u_def = cast(tuple[list[Any], Any], jax.tree.flatten(updates))
+    s_leaves, s_def = cast(tuple[list[Any], Any], jax.tree.flatten(new_state))
+    s_ids = {id(x) for x in s_leaves}
+    new_param: dict[int, Any] = {}  # id of an update leaf -> the fused step's new parameter
+    swap: dict[int, Any] = {}  # id of a state leaf -> the fused step's leaf
+    for u, accs, p_new, fused_accs in recorder.leaves:
+        if any(u is x for x in u_leaves) and all(id(a) in s_ids for a in accs):
+            new_param[id(u)] = p_new
+            swap.update({id(a): b for a, b in zip(accs, fused_accs, strict=True)})
+    fused_trace_log.append(len(new_param))
+    if not new_param:
+        name = type(new_state).__name__
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"update_and_apply: the transformation around rmsprop_jax's (its state is {name}) changes "
+                "the updates or the state it returns (as optax.MultiSteps does, or a transformation chained "
+                "after it), so the fused step cannot update the parameters itself: stepped as update + "
+                "optax.apply_updates.",
+                stacklevel=4,
+            )
+    p_leaves = u_def.flatten_up_to(params)
+    out = [
+        new_param[id(u)] if id(u) in new_param else optax.apply_updates(p, u)
+        for u, p in zip(u_leaves, p_leaves, strict=True)
+    ]
+    new_state = s_def.unflatten([swap.get(id(x), x) for x in s_leaves])
+    return u_def.unflatten(out), new_state
 
 
 # --------------------------------------------------------------------------- public factories
@@ -570,10 +509,7 @@ def rmsprop(
     weight_decay_mask: MaskOrFn | None = None,
     lr_in_momentum: bool = True,
     maximize: bool = False,
-    accumulator_dtype: Any | None = None,
-    stochastic_rounding: bool | None = None,
-    rounding_seed: int | None = None,
-    quantization: Blockwise | None = None,
+    accumulator_dtype: AccumulatorDtype = None,
     packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp as an Optax gradient transformation; a drop-in for :func:`optax.rmsprop`.
@@ -627,38 +563,27 @@ def rmsprop(
         leaves (biases, norms) are not decayed. optax's convention.
       lr_in_momentum: see above; irrelevant without momentum.
       maximize: ascend the objective instead of descending it (PyTorch's flag).
-      accumulator_dtype: how ``nu``, ``mu`` and the momentum buffer are stored;
-        default: each parameter's dtype. ``"int8"``: 8-bit block-wise dynamic
-        quantization (bitsandbytes' scheme, ~1 byte per element plus a float32
-        ``absmax`` per block of 256; see :class:`Blockwise` and the README's
-        "Low-memory state"); leaves below ``quantization.min_size`` (4096)
-        elements stay float32. The arithmetic runs in float32 on the decoded
-        state, the update uses the new, unquantized accumulators, and they are
-        quantized after the step. Updates come back in the gradients' dtype.
-      stochastic_rounding: for bfloat16/float16 accumulators (also the default for
-        bfloat16/float16 parameters): ``None`` (default) or ``True``: the
-        arithmetic runs in float32 and the new accumulators are rounded
-        stochastically (up with probability equal to the remainder; unbiased), so
-        that increments below half an ulp are not lost: with round to nearest a
-        constant gradient leaves bfloat16 ``nu`` stalled at 0.25 instead of ~1 at
-        decay 0.999. ``False``: round to nearest, with the arithmetic in the
-        accumulators' own dtype operation by operation, exactly as
-        ``optax.rmsprop`` (bit-identical on bfloat16 parameters). No effect on
-        float32/float64 accumulators.
-      rounding_seed: seed of the stochastic rounding (an integer in [0, 2**32); ``None``: 0);
-        with the step count, leaf index and element index it determines every
-        rounding: runs are reproducible.
-      quantization: a :class:`Blockwise` configuration (block size, minimum leaf
-        size, block layout) for ``accumulator_dtype="int8"``; default ``Blockwise()``.
+      accumulator_dtype: how ``nu``, ``mu`` and the momentum buffer are stored, the one storage
+        argument. ``None`` (default): each parameter's dtype (bfloat16/float16 parameters then
+        get float32 arithmetic and stochastically rounded state). A floating dtype:
+        ``Float(dtype)``; bfloat16/float16 round stochastically. ``"int8"``: ``Int8()``,
+        bitsandbytes' 8-bit block-wise state (~1.02 bytes per element; leaves below 4096
+        elements stay float32). Or a format value, :class:`Float` (dtype, rounding -- stochastic,
+        nearest, or ``"optax"``: optax's own bf16 arithmetic bit for bit -- and seed) or
+        :class:`Int8` (block size, minimum size, layout, map). The arithmetic runs in float32
+        on the decoded state, the update uses the new, unquantized accumulators, and they are
+        encoded after the step; updates come back in the gradients' dtype. Read any stored leaf
+        with :func:`rmsprop_jax.decode`. How the step is executed (per leaf, the fused GPU kernel
+        for 8-bit leaves) is the library's choice, never an argument.
       packed: store each accumulator as one flat buffer per group of leaves
         (same accumulator dtypes and static weight-decay mask) instead of one
-        array per parameter: fewer arrays at the ``jit`` boundary and one
-        update kernel per group, for trees of many small leaves. Same numbers
-        as ``packed=False``. ``state.nu`` is then a ``PackedTree``
+        array per parameter: fewer arrays at the ``jit`` boundary, one update
+        kernel per group, and 3-5x faster compiles for trees of many small leaves.
+        Same numbers as ``packed=False``. ``state.nu`` is then a ``PackedTree``
         (``state.nu.unpack()`` is the per-parameter tree). Not for parameters
         sharded across devices (raises), nor for 8-bit or stochastically rounded
         accumulators (raises: with bfloat16/float16 accumulators pass
-        ``stochastic_rounding=False``). See ``rmsprop_jax._packed``.
+        ``accumulator_dtype=Float(rounding="optax")``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is :class:`RmsPropState`.
@@ -680,41 +605,44 @@ def rmsprop(
       Hinton, Srivastava, Swersky, *Neural Networks for Machine Learning*, lecture 6e (2012).
       Graves, *Generating Sequences With Recurrent Neural Networks*, arXiv:1308.0850, eqs. 38-41 (2013).
     """
-    _check("learning_rate", learning_rate, lambda v: v >= 0, "learning_rate >= 0, or an optax schedule")
-    _validate_core(decay, eps, initial_scale)
+    _validate.number(
+        "learning_rate", learning_rate, lambda v: v >= 0, "learning_rate >= 0, or an optax schedule"
+    )
+    _validate.core(decay, eps, initial_scale)
     if momentum is not None:
-        _check("momentum", momentum, lambda v: 0 <= v < 1, "0 <= momentum < 1, or None")
-    if nesterov and (momentum is None or _static_zero(momentum)):
+        _validate.number("momentum", momentum, lambda v: 0 <= v < 1, "0 <= momentum < 1, or None")
+    if nesterov and (momentum is None or _validate.static_zero(momentum)):
         raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}.")
-    _check(
+    _validate.number(
         "weight_decay",
         weight_decay if weight_decay is not None else 0.0,
         lambda v: v >= 0,
         "weight_decay >= 0",
     )
-    acc_dtype, storage = _storage(accumulator_dtype, stochastic_rounding, rounding_seed, quantization)
-    return _make(
-        learning_rate=learning_rate,
-        decay=decay,
-        eps=eps,
-        initial_scale=initial_scale,
-        flags=Flags(
-            eps_in_sqrt=bool(eps_in_sqrt),
-            centered=bool(centered),
-            momentum=momentum is not None,
-            nesterov=bool(nesterov),
-            bias_correction=bool(bias_correction),
-            lr_in_momentum=bool(lr_in_momentum),
-            maximize=bool(maximize),
-            native_precision=storage.native_low_precision,
-        ),
-        momentum=momentum,
-        weight_decay=None if _static_zero(weight_decay) else weight_decay,
-        decoupled_weight_decay=bool(decoupled_weight_decay),
-        weight_decay_mask=weight_decay_mask,
-        accumulator_dtype=acc_dtype,
-        storage=storage,
-        packed=_check_bool("packed", packed),
+    fmt = resolve(accumulator_dtype)
+    return _build(
+        _Config(
+            learning_rate=learning_rate,
+            decay=decay,
+            eps=eps,
+            initial_scale=initial_scale,
+            flags=Flags(
+                eps_in_sqrt=bool(eps_in_sqrt),
+                centered=bool(centered),
+                momentum=momentum is not None,
+                nesterov=bool(nesterov),
+                bias_correction=bool(bias_correction),
+                lr_in_momentum=bool(lr_in_momentum),
+                maximize=bool(maximize),
+                native_precision=fmt.native_arithmetic,
+            ),
+            momentum=momentum,
+            weight_decay=None if _validate.static_zero(weight_decay) else weight_decay,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+            weight_decay_mask=weight_decay_mask,
+            fmt=fmt,
+            packed=_validate.boolean("packed", packed),
+        )
     )
 
 
@@ -726,10 +654,7 @@ def scale_by_rms(
     bias_correction: bool = False,
     *,
     centered: bool = False,
-    accumulator_dtype: Any | None = None,
-    stochastic_rounding: bool | None = None,
-    rounding_seed: int | None = None,
-    quantization: Blockwise | None = None,
+    accumulator_dtype: AccumulatorDtype = None,
     packed: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The RMSProp preconditioner alone, :math:`g \mapsto g / \sqrt{v_t + \epsilon}`.
@@ -737,9 +662,8 @@ def scale_by_rms(
     A drop-in for :func:`optax.scale_by_rms` and, with ``centered=True``, for
     :func:`optax.scale_by_stddev`; the equations are :func:`rmsprop`'s without
     the learning rate, momentum and weight decay. Chain it with
-    ``optax.scale_by_learning_rate`` (or anything else) as usual. The storage
-    arguments (``accumulator_dtype``, ``stochastic_rounding``, ``rounding_seed``,
-    ``quantization``) and ``packed`` are :func:`rmsprop`'s.
+    ``optax.scale_by_learning_rate`` (or anything else) as usual.
+    ``accumulator_dtype`` and ``packed`` are :func:`rmsprop`'s.
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax
@@ -748,25 +672,26 @@ def scale_by_rms(
       >>> u
       Array([1.4142135], dtype=float32)
     """
-    _validate_core(decay, eps, initial_scale)
-    acc_dtype, storage = _storage(accumulator_dtype, stochastic_rounding, rounding_seed, quantization)
-    return _make(
-        learning_rate=None,
-        decay=decay,
-        eps=eps,
-        initial_scale=initial_scale,
-        flags=Flags(
-            eps_in_sqrt=bool(eps_in_sqrt),
-            centered=bool(centered),
-            bias_correction=bool(bias_correction),
-            scale_by_lr=False,
-            native_precision=storage.native_low_precision,
-        ),
-        momentum=None,
-        weight_decay=None,
-        decoupled_weight_decay=False,
-        weight_decay_mask=None,
-        accumulator_dtype=acc_dtype,
-        storage=storage,
-        packed=_check_bool("packed", packed),
+    _validate.core(decay, eps, initial_scale)
+    fmt = resolve(accumulator_dtype)
+    return _build(
+        _Config(
+            learning_rate=None,
+            decay=decay,
+            eps=eps,
+            initial_scale=initial_scale,
+            flags=Flags(
+                eps_in_sqrt=bool(eps_in_sqrt),
+                centered=bool(centered),
+                bias_correction=bool(bias_correction),
+                scale_by_lr=False,
+                native_precision=fmt.native_arithmetic,
+            ),
+            momentum=None,
+            weight_decay=None,
+            decoupled_weight_decay=False,
+            weight_decay_mask=None,
+            fmt=fmt,
+            packed=_validate.boolean("packed", packed),
+        )
     )

@@ -18,7 +18,7 @@ this function line by line against the README's "Equations" section:
       (the update is b, or u + m * b with nesterov)
     u  <- u - lr * wd_decoupled * p            decoupled weight decay
 
-``c`` is the relative resolution of a lossy state storage (``_state_codec.VARIANCE_FLOOR``:
+``c`` is the relative resolution of a lossy state storage (``_codecs.VARIANCE_FLOOR``:
 int8 2**-6, bfloat16 2**-7, float16 2**-10; 0 for float32/float64 state, which then compiles
 to the unfloored program): below ``c * nu^`` the difference ``nu^ - |mu^|^2`` is the rounding
 error of the stored ``nu`` and ``mu``, which otherwise reaches 0 where the gradient's mean
@@ -28,7 +28,7 @@ dominates its noise and makes the step ``g / sqrt(eps)``. The floor bounds the s
 The arithmetic is done in at least float32 (bfloat16/float16 leaves are upcast
 and the results cast back), so low-precision inputs can neither divide by zero
 nor take the root of a negative number through rounding. The one exception is
-``Flags.native_precision`` (``stochastic_rounding=False``): the arithmetic then runs
+``Flags.native_precision`` (``accumulator_dtype=Float(rounding="optax")``): the arithmetic then runs
 in the inputs' own dtype, operation by operation, as ``optax.rmsprop`` does on
 bfloat16 parameters, to reproduce its numbers bit for bit.
 """
@@ -155,7 +155,7 @@ def rms_leaf(
     if flags.centered:
         # Where |g|^2 overflowed, nu^ and |mu^|^2 are both inf: keep v = inf (so u = 0), not inf - inf.
         # A lossy storage (var_floor = c > 0) floors v at c * nu^: below that, nu^ - |mu^|^2 is
-        # the storage's rounding error, not a variance (see _state_codec.variance_floor).
+        # the storage's rounding error, not a variance (see _codecs.VARIANCE_FLOOR).
         floor = var_floor * nu_hat if var_floor else 0
         var = jnp.where(jnp.isinf(nu_hat), nu_hat, jnp.maximum(nu_hat - abs_sq(mu_hat), floor))
     else:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax._state_codec import reject_quantized
+from rmsprop_jax._codecs import reject_quantized
 from rmsprop_jax._transform import RmsPropState
 
 __all__ = ["from_keras", "from_optax", "from_pytorch", "to_keras", "to_optax", "to_pytorch"]

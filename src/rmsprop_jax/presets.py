@@ -36,12 +36,12 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax._state_codec import Blockwise
-from rmsprop_jax._transform import ScalarOrSchedule, _check, rmsprop
+from rmsprop_jax import _validate
+from rmsprop_jax._formats import Int8
+from rmsprop_jax._transform import ScalarOrSchedule, rmsprop
 
 __all__ = [
     "bitsandbytes",
@@ -55,13 +55,9 @@ __all__ = [
 ]
 
 
-def _traced(value: Any) -> bool:
-    """Schedules and traced values (``optax.inject_hyperparams`` under jit) cannot be checked."""
-    return callable(value) or isinstance(value, jax.core.Tracer)
-
-
 # Preset-specific arguments are validated by rmsprop()'s own checker, under the source's names.
-_number = _check
+_traced = _validate.traced
+_number = _validate.number
 
 
 def _lr(name: str, lr: Any) -> None:
@@ -590,7 +586,7 @@ def bitsandbytes(
     ones keep float32 (``RMSprop32bit``'s update). The stored codes and ``absmax``
     are bitsandbytes' ``state1`` / ``absmax1``: the quantizer is its CPU kernel's,
     code for code (:func:`rmsprop_jax.quantize_blockwise`), with the blocks laid over
-    the flattened leaf (``Blockwise(layout="flat")``). Source:
+    the flattened leaf (``Int8(layout="flat")``). Source:
     ``bitsandbytes/optim/rmsprop.py``, ``optim/optimizer.py`` (``Optimizer1State``) and
     ``backends/cpu/ops.py``; checked live against bitsandbytes 0.50.2 in
     ``tests/test_bitsandbytes.py`` (codes equal, parameters within 1e-4 of their motion).
@@ -637,8 +633,7 @@ def bitsandbytes(
         )
     if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
         raise ValueError(f"optim_bits={optim_bits!r} is invalid; allowed: 8 or 32.")
-    if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
-        raise ValueError(f"min_8bit_size={min_8bit_size!r} is invalid; allowed: an integer >= 0.")
+    _validate.integer("min_8bit_size", min_8bit_size, 0, None, "an integer >= 0")
     eight = optim_bits == 8
     return rmsprop(
         lr,
@@ -648,6 +643,7 @@ def bitsandbytes(
         eps_in_sqrt=False,
         weight_decay=_weight_decay_or_none("weight_decay", weight_decay),
         decoupled_weight_decay=False,
-        accumulator_dtype="int8" if eight else jnp.float32,
-        quantization=Blockwise(block_size=256, min_size=min_8bit_size, layout="flat") if eight else None,
+        accumulator_dtype=Int8(block_size=256, min_size=min_8bit_size, layout="flat")
+        if eight
+        else jnp.float32,
     )

@@ -1,0 +1,244 @@
+"""How one accumulator leaf is stored: codecs that encode and decode, and nothing else.
+
+``rms_leaf`` never sees a storage format. The executor (:mod:`rmsprop_jax._executor`) decodes
+each stored accumulator to float32 with its codec, runs ``rms_leaf`` and encodes the new
+accumulators; a codec never chooses how that is compiled.
+
+========================  ================================  ==========================================
+codec                     stored as                         encode (after the step)
+========================  ================================  ==========================================
+``Plain``                 the accumulator dtype             ``rms_leaf``'s own cast (round to nearest)
+``Stochastic``            bfloat16 / float16                stochastic rounding, counter-based hash
+``Quantized``             :class:`QuantizedLeaf`            :func:`~rmsprop_jax.quantize_blockwise`
+========================  ================================  ==========================================
+
+The update itself is computed from the *unquantized* new accumulators (as bitsandbytes does):
+quantization only affects what the next step reads back. ``Plain`` is the identity, so the
+float path compiles to exactly the program it compiled to before codecs existed (bit-identical
+to optax in float32). Which codec a leaf gets is its format's choice (:mod:`rmsprop_jax._formats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rmsprop_jax import _quantize
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedLeaf:
+    """An 8-bit block-wise accumulator: ``codes`` (uint8, the parameter's shape) and ``absmax``
+    (float32, one per block), with the block layout it was made with as static data.
+
+    A pytree node whose children are ``codes`` and ``absmax``; ``block_size``, ``signed`` and
+    ``layout`` (``"rows"``: blocks along the last axis; ``"flat"``: over the flattened leaf)
+    are its static aux data, so :func:`rmsprop_jax.decode` needs nothing else.
+    """
+
+    codes: Array
+    absmax: Array
+    block_size: int = 256
+    signed: bool = True
+    layout: str = "rows"
+
+    @property
+    def axis(self) -> int | None:
+        return -1 if self.layout == "rows" else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The parameter's shape."""
+        return tuple(self.codes.shape)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedLeaf, data_fields=["codes", "absmax"], meta_fields=["block_size", "signed", "layout"]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plain:
+    """Stored as is; ``rms_leaf`` casts the new value to the stored dtype (round to nearest)."""
+
+    def init(self, fill: Array) -> Array:
+        return fill
+
+    def decode(self, stored: Any) -> Any:
+        return stored
+
+    def encode(self, value: Array, bits: Any) -> Array:
+        return value
+
+    variance_floor = 0.0  # exact: the float path stays today's program
+
+
+PLAIN = Plain()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stochastic:
+    """bfloat16/float16 storage, float32 arithmetic, stochastic rounding on the way back."""
+
+    dtype: Any
+
+    def init(self, fill: Array) -> Array:
+        return fill.astype(self.dtype)
+
+    def decode(self, stored: Array) -> Array:
+        return stored.astype(jnp.float32)
+
+    def encode(self, value: Array, bits: Array) -> Array:
+        return _quantize.stochastic_round(value, self.dtype, bits)
+
+    @property
+    def variance_floor(self) -> float:
+        return VARIANCE_FLOOR[jnp.dtype(self.dtype).name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Nearest:
+    """bfloat16/float16 storage, float32 arithmetic, rounded to nearest once on the way back."""
+
+    dtype: Any
+
+    def init(self, fill: Array) -> Array:
+        return fill.astype(self.dtype)
+
+    def decode(self, stored: Array) -> Array:
+        return stored.astype(jnp.float32)
+
+    def encode(self, value: Array, bits: Any) -> Array:
+        return value.astype(self.dtype)
+
+    @property
+    def variance_floor(self) -> float:
+        return VARIANCE_FLOOR[jnp.dtype(self.dtype).name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """8-bit block-wise codes (bitsandbytes' dynamic map, code for code)."""
+
+    block_size: int = 256
+    signed: bool = True
+    layout: str = "rows"
+
+    @property
+    def axis(self) -> int | None:
+        return -1 if self.layout == "rows" else None
+
+    def init(self, fill: Array) -> QuantizedLeaf:
+        return self.encode(fill, None)
+
+    def decode(self, stored: QuantizedLeaf) -> Array:
+        return _quantize.dequantize_blockwise(
+            stored.codes, stored.absmax, block_size=self.block_size, signed=self.signed, axis=self.axis
+        )
+
+    def encode(self, value: Array, bits: Any) -> QuantizedLeaf:
+        codes, absmax = _quantize.quantize_blockwise(
+            value, block_size=self.block_size, signed=self.signed, axis=self.axis
+        )
+        return self.leaf(codes, absmax)
+
+    def leaf(self, codes: Array, absmax: Array) -> QuantizedLeaf:
+        return QuantizedLeaf(codes, absmax, self.block_size, self.signed, self.layout)
+
+    @property
+    def variance_floor(self) -> float:
+        return VARIANCE_FLOOR["int8"]
+
+
+Codec = Plain | Stochastic | Nearest | Quantized
+
+# The relative resolution c of each lossy storage, the floor of the centered variance:
+# v = max(nu^ - |mu^|^2, c * nu^) (see rms_leaf). Below c * nu^ the difference is the
+# rounding error of the stored nu and mu, not a variance: where the gradient's mean
+# dominates its noise (var ~ 1 % of nu) it reaches 0 and the step becomes g / sqrt(eps),
+# which made centered + momentum diverge on the noisy quadratic within ~100 steps.
+# bfloat16/float16: one unit in the last place relative to the value (the bound on a
+# stochastic rounding's error); int8: 2**-6, the dynamic map's spacing relative to the
+# block's largest codes (measured relative round-trip error 1.4 % in [absmax/2, absmax]).
+VARIANCE_FLOOR = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "int8": 2.0**-6}
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedLeaf)
+
+
+def _is_stored_quantized(x: Any) -> bool:
+    return is_quantized(x) or (isinstance(x, Mapping) and set(x.keys()) == {"codes", "absmax"})
+
+
+def restore_quantized(tree: Any, codec: Quantized) -> Any:
+    """``tree`` with each ``{"codes": ..., "absmax": ...}`` mapping turned back into a ``QuantizedLeaf``.
+
+    Flax NNX's ``nnx.Optimizer`` stores the state it gets back from ``update`` through
+    ``nnx.state``, which turns every pytree node below a Variable into an ``nnx.State`` mapping
+    with the same keys; on the next step ``update`` receives ``State(absmax=..., codes=...)``
+    where it returned a ``QuantizedLeaf``. The static layout comes from the format (``codec``).
+    """
+    if tree is None:
+        return None
+    to_leaf = lambda x: x if is_quantized(x) else codec.leaf(x["codes"], x["absmax"])
+    return jax.tree.map(
+        lambda x: to_leaf(x) if _is_stored_quantized(x) else x, tree, is_leaf=_is_stored_quantized
+    )
+
+
+def reject_quantized(state: Any, where: str) -> None:
+    """Raise a clear ValueError if any accumulator of ``state`` is 8-bit (for the interop exports)."""
+    if any(is_quantized(x) for x in jax.tree.leaves(state, is_leaf=is_quantized)):
+        raise ValueError(
+            f"{where}: the state holds 8-bit block-wise accumulators (accumulator_dtype='int8'), which "
+            "the target framework's RMSprop cannot hold. Export from a float32-state optimizer, or "
+            "decode the QuantizedLeaf nodes yourself with rmsprop_jax.decode."
+        )
+
+
+def stored_shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.codes.shape) if is_quantized(x) else tuple(jnp.shape(x))
+
+
+def decode(leaf: Any) -> jax.Array:
+    """A stored accumulator leaf, in any format, as float32 of its parameter's shape.
+
+    ``leaf`` is one leaf of ``state.nu``, ``state.mu`` or ``state.trace`` (for example
+    ``optax.tree.get(state, "nu")["w"]``): a :class:`QuantizedLeaf` (8-bit) or a float array
+    (float32, bfloat16, float16, float64). Complex accumulators (``mu`` and the momentum buffer
+    of complex parameters) decode to complex64.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, rmsprop_jax
+      >>> opt = rmsprop_jax.rmsprop(0.1, accumulator_dtype="int8")
+      >>> params = {"w": jnp.ones((64, 64))}
+      >>> _, state = opt.update({"w": jnp.full((64, 64), 0.5)}, opt.init(params), params)
+      >>> nu = rmsprop_jax.decode(optax.tree.get(state, "nu")["w"])
+      >>> nu.shape, nu.dtype, round(float(nu[0, 0]), 4)
+      ((64, 64), dtype('float32'), 0.025)
+    """
+    if is_quantized(leaf):
+        return Quantized(leaf.block_size, leaf.signed, leaf.layout).decode(leaf)
+    if isinstance(leaf, Mapping) and _is_stored_quantized(leaf):
+        raise ValueError(
+            "decode: this 8-bit leaf lost its layout (it went through a mapping, e.g. nnx.state); "
+            "decode the state the optimizer's update returned, or rmsprop_jax.dequantize_blockwise "
+            "with the format's block_size, signed and layout."
+        )
+    try:
+        x = jnp.asarray(leaf)
+    except TypeError:
+        raise ValueError(
+            f"decode: {type(leaf).__name__} is not a stored accumulator leaf; allowed: a leaf of "
+            "state.nu / state.mu / state.trace (an array or a QuantizedLeaf)."
+        ) from None
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        raise ValueError(f"decode: an accumulator leaf has a floating dtype, got {x.dtype}.")
+    return x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)

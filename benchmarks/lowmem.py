@@ -1,73 +1,48 @@
-"""Low-memory optimizer state: bytes per parameter and step cost of each state format.
+"""Section ``lowmem``: bytes per parameter, step cost and stored-state error of each state format.
 
-    python -m benchmarks.lowmem                # suite workloads, ~3-5 minutes on 2 CPU cores
-    python -m benchmarks.lowmem --quick        # small sizes, seconds (run by --quick of the suite)
-    python -m benchmarks.lowmem --big          # + one 256M-element leaf (a GPU; ~13 GiB device memory)
-    python -m benchmarks.lowmem --render benchmarks/results/cpu-2core/lowmem.json
-    python -m benchmarks.run --only lowmem     # the same section from the suite's entry point
-
-State formats (``MODES``), each on float32 parameters, under the suite's two
-configurations (plain; centered + momentum 0.9 + coupled weight decay):
+State formats (``MODES``), each on float32 parameters, under the suite's two configurations
+(plain; centered + momentum 0.9 + coupled weight decay):
 
 * ``float32``: ``rmsprop_jax.rmsprop(...)``, optax's layout (4 B/param per accumulator).
-* ``bf16_sr``: ``accumulator_dtype=jnp.bfloat16, stochastic_rounding=True``.
-* ``int8``: ``accumulator_dtype="int8"``: 8-bit block-wise codes plus one float32
-  absmax per block of 256 (bitsandbytes' scheme; leaves below 4096 elements keep float32).
-* ``int8_pallas`` (on a GPU only): the same state, stepped by the fused Pallas kernel
-  (``quantization=rmsprop_jax.Blockwise(kernel="pallas")``); ``int8_pallas_apply``: the same
-  with ``rmsprop_jax.update_and_apply`` in place of ``update`` + ``apply_updates``.
+* ``bf16_sr``: ``accumulator_dtype=jnp.bfloat16`` (stochastic rounding, the default for a 16-bit float;
+  ``rmsprop_jax.Float(jnp.bfloat16)`` spelled out).
+* ``int8``: ``accumulator_dtype="int8"``: 8-bit block-wise codes plus one float32 absmax per block
+  of 256 (bitsandbytes' scheme; leaves below 4096 elements keep float32). On a CUDA GPU the library
+  steps eligible 8-bit leaves with its fused kernel: the row is what the library chose.
+* ``int8_apply`` (step cost only): the same state stepped by ``rmsprop_jax.update_and_apply``
+  (the parameter updated inside the optimizer's step) instead of ``update`` + ``apply_updates``.
 
-**Bytes** are those of ``jax.eval_shape(opt.init, params)`` (no memory is
-allocated, so every workload, the 256M leaf included, is counted on any machine),
-divided by the number of parameters; ``quantized`` is the share of the
-accumulator elements stored in one byte. **Cost** is the donated jitted step
-(``update`` + ``apply_updates``, the suite's ``JaxCase``) of each format, all three
-interleaved in rounds in one process, as a ratio to the float32-state step. The
-device is JAX's default one, so the same command measures a GPU. Outputs
-``lowmem.json``, ``lowmem.md`` and ``lowmem.png`` in ``--out``.
+**Bytes** are those of ``jax.eval_shape(opt.init, params)`` (nothing allocated, so every workload,
+the 256M leaf included, is counted on any machine) over the parameter count; ``quantized_share`` is
+the share of accumulator elements stored in one byte. **Cost** is the donated jitted step of each
+format, all interleaved in rounds in one process, as a ratio to the float32-state step. **nu error**:
+after the timed steps (every format takes the same steps from the same inputs), the relative RMS
+distance of ``rmsprop_jax.decode``'d ``nu`` to the float32 state's ``nu``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: `benchmarks` (which adds src/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-import benchmarks  # noqa: F401
 import rmsprop_jax
-from benchmarks.run import JaxCase, _stats, interleave, machine_info, machine_tag, make_tree
+from benchmarks.common import JaxCase, interleave, loadavg, machine_line, make_tree, state_summary, stats
 from benchmarks.workloads import CONFIGS, Config, Workload, _uniform, make_rmsprop_jax, workloads
 
-ROOT = Path(__file__).resolve().parents[1]
-
+OUTPUT = "lowmem"
 MODES: dict[str, dict[str, Any]] = {
     "float32": {},
-    "bf16_sr": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
+    "bf16_sr": {"accumulator_dtype": jnp.bfloat16},
     "int8": {"accumulator_dtype": "int8"},
 }
-# On a GPU the suite also times the fused Pallas kernel (Blockwise(kernel="pallas")); elsewhere
-# Pallas only interprets it, which says nothing about speed.
-_PALLAS = {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(kernel="pallas")}
-KERNEL_MODES: dict[str, dict[str, Any]] = {
-    "int8_pallas": _PALLAS,
-    "int8_pallas_apply": _PALLAS,  # stepped with rmsprop_jax.update_and_apply (the kernel updates p)
-}
-FUSED_APPLY = {"int8_pallas_apply"}
-
-
-def active_modes() -> dict[str, dict[str, Any]]:
-    return {**MODES, **(KERNEL_MODES if jax.default_backend() == "gpu" else {})}
-
+COST_ONLY: dict[str, dict[str, Any]] = {"int8_apply": MODES["int8"]}  # stepped by update_and_apply
+FUSED_APPLY = {"int8_apply"}
 
 BIG = _uniform("leaf_256m", "1 leaf x 256M", 1, 1 << 28)
 # Step cost is not measured on 2000 x 64: every leaf is below the 4096-element minimum,
@@ -76,19 +51,27 @@ COST_SKIP = {"leaves_2000"}
 QUICK_COST = {"large_leaf"}  # --quick times only this one (compiles dominate a quick run)
 
 
+def accumulators(cfg: Config) -> int:
+    return 1 + int(cfg.centered) + int(cfg.momentum is not None)
+
+
 def state_bytes(wl: Workload, cfg: Config, mode: str) -> dict[str, Any]:
-    """State bytes per parameter and the share of accumulator elements stored in one byte."""
     params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in wl.shapes.items()}
-    state = jax.eval_shape(make_rmsprop_jax(cfg, **active_modes()[mode]).init, params)
-    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
-    total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
-    one_byte = sum(int(np.prod(x.shape)) for x in leaves if jnp.dtype(x.dtype).itemsize == 1)
-    accumulators = 1 + int(cfg.centered) + int(cfg.momentum is not None)
-    return {
-        "state_bytes": total,
-        "bytes_per_param": total / wl.num_params,
-        "quantized_share": one_byte / (accumulators * wl.num_params),
-    }
+    state = jax.eval_shape(make_rmsprop_jax(cfg, **MODES[mode]).init, params)
+    return state_summary(state, wl.num_params, accumulators(cfg))
+
+
+def decoded_nu(state: Any) -> list[jax.Array]:
+    """Every ``nu`` leaf of the state as float32 (``rmsprop_jax.decode``: any stored format)."""
+    nu = optax.tree.get(state, "nu")
+    leaves = jax.tree.leaves(nu, is_leaf=lambda x: isinstance(x, rmsprop_jax.QuantizedLeaf))
+    return [rmsprop_jax.decode(x) for x in leaves]
+
+
+def nu_error(ref: list[jax.Array], other: list[jax.Array]) -> float:
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(ref, other, strict=True))
+    den = sum(float(jnp.sum(a**2)) for a in ref)
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def measure_cost(
@@ -97,7 +80,7 @@ def measure_cost(
     params = make_tree(wl.shapes, seed=seed)
     grads = make_tree(wl.shapes, seed=100 + seed, scale=1e-2)
     cases = {}
-    for mode, kw in active_modes().items():
+    for mode, kw in {**MODES, **COST_ONLY}.items():
         cases[mode] = JaxCase(
             make_rmsprop_jax(cfg, **kw), params, grads, donate=True, fused_apply=mode in FUSED_APPLY
         )
@@ -105,23 +88,26 @@ def measure_cost(
     del params
     times = interleave(cases, rounds, per_round)
     base = float(np.median(times["float32"]))
+    ref_nu = decoded_nu(cases["float32"].state)
     out = {}
     for mode, case in cases.items():
-        st = _stats(times[mode])
+        st = stats(times[mode])
         st["ratio_to_float32"] = float(np.median(times[mode])) / base
         st["compile_s"] = case.lower_s + case.compile_s
         st["temp_bytes"] = case.temp_bytes
+        st["nu_rel_err"] = nu_error(ref_nu, decoded_nu(case.state))
         out[mode] = st
     return out
 
 
-def run_section(quick: bool, big: bool = False, only: set[str] | None = None) -> dict[str, Any]:
-    """Measure every workload x config x mode; the dict that ``lowmem.json`` holds."""
+def run_section(quick: bool, names: set[str], big: bool = False) -> dict[str, Any]:
+    """Every workload x config x format; the dict that ``lowmem.json`` holds (less the machine)."""
     rounds, per_round = (3, 2) if quick else (8, 3)
-    wls = workloads(quick) + ([BIG] if big else [])
-    if only:
-        wls = [w for w in wls if w.name in only]
-    load = [_load()]
+    wls = workloads(quick) + ([BIG] if big or BIG.name in names else [])
+    picked = {w.name for w in wls} & names
+    if picked:
+        wls = [w for w in wls if w.name in picked]
+    load = [loadavg()]
     t0 = time.perf_counter()
     groups = []
     for i, wl in enumerate(wls):
@@ -132,11 +118,11 @@ def run_section(quick: bool, big: bool = False, only: set[str] | None = None) ->
                 "num_leaves": wl.num_leaves,
                 "num_params": wl.num_params,
                 "config": cfg.name,
-                "bytes": {mode: state_bytes(wl, cfg, mode) for mode in active_modes()},
+                "bytes": {mode: state_bytes(wl, cfg, mode) for mode in MODES},
                 "cost": None,
             }
             if wl.name not in COST_SKIP and (not quick or wl.name in QUICK_COST):
-                print(f"  lowmem {wl.name} ({wl.description}), {cfg.name}", flush=True)
+                print(f"  lowmem: {wl.name} ({wl.description}), {cfg.name}", flush=True)
                 g["cost"] = measure_cost(wl, cfg, i, rounds, per_round)
                 print(
                     "    step ratio to float32 state: "
@@ -144,36 +130,26 @@ def run_section(quick: bool, big: bool = False, only: set[str] | None = None) ->
                     flush=True,
                 )
             groups.append(g)
-    load.append(_load())
+    load.append(loadavg())
     return {
-        "schema": 1,
-        "timestamp_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "quick": quick,
-        "machine": machine_info(),
         "settings": {"rounds": rounds, "steps_per_round": per_round, "warmup_steps": 2},
-        "modes": {m: {k: str(v) for k, v in kw.items()} for m, kw in active_modes().items()},
+        "modes": {m: {k: str(v) for k, v in kw.items()} for m, kw in MODES.items()},
+        "cost_only_modes": {m: "int8 stepped by rmsprop_jax.update_and_apply" for m in COST_ONLY},
         "groups": groups,
         "loadavg_1min": load,
         "wall_s": time.perf_counter() - t0,
     }
 
 
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-# --------------------------------------------------------------------------- outputs
+# --------------------------------------------------------------------------- report
 
 
 def markdown(data: dict[str, Any]) -> str:
-    m = data["machine"]
     modes = list(data["modes"])
+    costed = [g for g in data["groups"] if g["cost"] is not None]
+    cmodes = list(costed[0]["cost"]) if costed else modes
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores; JAX device: {m['platform']} "
-        f"({m['device_kind']}); jax {m['jax']}. {'Quick mode. ' if data['quick'] else ''}"
+        f"Low-memory state. {machine_line(data['machine'])}. {'Quick mode. ' if data['quick'] else ''}"
         f"{data['settings']['rounds']} interleaved rounds x {data['settings']['steps_per_round']} steps; "
         f"load average {data['loadavg_1min']}; {data['timestamp_utc']}.",
         "",
@@ -197,29 +173,31 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "**Step cost**, donated jitted step, median ms (p25–p75); ratio to the float32-state step, "
-        "interleaved in one process.",
+        "interleaved in one process (`int8_apply`: int8 stepped by `rmsprop_jax.update_and_apply`).",
         "",
-        "| workload | config | " + " | ".join(modes + [f"{x} / float32" for x in modes[1:]]) + " |",
-        "|---|---|" + "---|" * (2 * len(modes) - 1),
+        "| workload | config | " + " | ".join(cmodes + [f"{x} / float32" for x in cmodes[1:]]) + " |",
+        "|---|---|" + "---|" * (2 * len(cmodes) - 1),
     ]
-    for g in data["groups"]:
+    for g in costed:
         c = g["cost"]
-        if c is None:
-            continue
-        ms = [f"{c[x]['median_ms']:.3g} ({c[x]['p25_ms']:.3g}–{c[x]['p75_ms']:.3g})" for x in modes]
-        ratios = [f"**{c[mode]['ratio_to_float32']:.2f}**" for mode in modes[1:]]
+        ms = [f"{c[x]['median_ms']:.3g} ({c[x]['p25_ms']:.3g}–{c[x]['p75_ms']:.3g})" for x in cmodes]
+        ratios = [f"**{c[mode]['ratio_to_float32']:.2f}**" for mode in cmodes[1:]]
         lines.append(f"| {g['workload_description']} | {g['config']} | " + " | ".join(ms + ratios) + " |")
     lines += [
         "",
-        "**Compile** (lower + compile of the donated step), seconds.",
+        "**Compile** (lower + compile of the donated step), seconds; **nu error**: relative RMS distance "
+        "of the decoded `nu` to the float32 state's after the same steps.",
         "",
-        "| workload | config | " + " | ".join(modes) + " |",
-        "|---|---|" + "---|" * len(modes),
+        "| workload | config | "
+        + " | ".join([f"compile {x}" for x in cmodes] + [f"nu error {x}" for x in cmodes[1:]])
+        + " |",
+        "|---|---|" + "---|" * (2 * len(cmodes) - 1),
     ]
-    for g in data["groups"]:
-        if g["cost"] is not None:
-            cells = [f"{g['cost'][x]['compile_s']:.2f}" for x in modes]
-            lines.append(f"| {g['workload_description']} | {g['config']} | " + " | ".join(cells) + " |")
+    for g in costed:
+        c = g["cost"]
+        cells = [f"{c[x]['compile_s']:.2f}" for x in cmodes]
+        cells += [f"{c[x]['nu_rel_err']:.1e}" if "nu_rel_err" in c[x] else "–" for x in cmodes[1:]]
+        lines.append(f"| {g['workload_description']} | {g['config']} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
 
@@ -244,20 +222,20 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax_b.legend()
     ax_b.grid(axis="y", alpha=0.3)
     costed = [g for g in groups if g["cost"]]
+    cmodes = list(costed[0]["cost"])[1:] if costed else []
     xc = np.arange(len(costed))
-    for j, mode in enumerate(modes[1:]):
+    wc = 0.8 / max(len(cmodes), 1)
+    for j, mode in enumerate(cmodes):
         ax_c.bar(
-            xc + j * width,
+            xc + j * wc,
             [g["cost"][mode]["ratio_to_float32"] for g in costed],
-            width,
+            wc,
             label=mode,
             color=f"C{j + 1}",
         )
     ax_c.axhline(1.0, color="k", lw=1)
-    target = 1.5 if data["machine"]["platform"] == "cpu" else 0.85
-    ax_c.axhline(target, color="r", lw=1, ls="--", label=f"target {target}x (large leaves)")
     ax_c.set_xticks(
-        xc + width * (len(modes) - 2) / 2,
+        xc + wc * (len(cmodes) - 1) / 2,
         [f"{g['workload_description']}\n{g['config']}" for g in costed],
         fontsize=7,
         rotation=30,
@@ -270,37 +248,3 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_outputs(data: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lowmem.json").write_text(json.dumps(data, indent=1))
-    (out / "lowmem.md").write_text(markdown(data))
-    plot(data, out / "lowmem.png")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.lowmem", description=(__doc__ or "").split("\n")[0]
-    )
-    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (seconds)")
-    ap.add_argument("--big", action="store_true", help="add one 256M-element leaf (meant for a GPU)")
-    ap.add_argument("--only", default=None, help="comma-separated workload names (leaf_256m for the big one)")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default results/<machine-tag>)")
-    ap.add_argument("--render", type=Path, default=None, help="only rebuild .md/.png from this JSON")
-    args = ap.parse_args(argv)
-    if args.render is not None:
-        data = json.loads(args.render.read_text())
-        write_outputs(data, args.out or args.render.parent)
-        return 0
-    only = set(args.only.split(",")) if args.only else None
-    data = run_section(args.quick, big=args.big or bool(only and BIG.name in only), only=only)
-    tag = machine_tag(data["machine"]) + ("-quick" if args.quick else "")
-    out = args.out or ROOT / "benchmarks" / "results" / tag
-    write_outputs(data, out)
-    print(f"wrote {out}/lowmem.json, lowmem.md, lowmem.png in {data['wall_s']:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

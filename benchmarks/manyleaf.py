@@ -1,24 +1,20 @@
-"""The many-leaf section of the suite: how far each state layout is from the one-leaf ideal.
+"""Section ``manyleaf``: trees of many small leaves, each state layout against optax.
 
-    python -m benchmarks.run --only manyleaf                 # this section only (CPU: ~10 min)
-    python -m benchmarks.run --only manyleaf --budget 240    # stop starting new groups after 240 s
-    python -m benchmarks.run --only manyleaf,gpt,leaves_500x64   # some of its trees
+Per (tree, config), in one process, interleaved: ``rmsprop_jax.rmsprop`` per leaf (``default``),
+``rmsprop_jax.rmsprop(..., packed=True)``, ``optax.rmsprop``, ``optax.flatten(rmsprop_jax.rmsprop(...))``
+and rmsprop_jax on **one leaf** of the same total size; on a GPU also
+``torch.optim.RMSprop(foreach=True)`` and the same captured in a CUDA graph (``capturable=True``).
+Trees: 1500 leaves x 64 and the GPT-like tree (``--quick``: 40 x 64); ``--only manyleaf,<tree>``
+also reaches 2000 x 64, 500 x 64 and 2000 x 4k. Three figures each, as ratios to optax's:
 
-Per (tree, config), in one process, interleaved: rmsprop_jax per-leaf (``default``),
-``packed=True``, ``optax``, ``optax.flatten(rmsprop_jax)`` and rmsprop_jax on **one
-leaf** of the same total size; on a GPU also ``torch.optim.RMSprop(foreach=True)`` and
-the same captured in a CUDA graph (``capturable=True``). Three figures each:
-
-- **dispatched**: one donated jitted step (update + apply_updates) per Python call,
-  blocked: what a training loop that jits only the step sees (arrays cross the jit
-  boundary every step);
-- **in loop**: ``K`` steps inside one jitted ``fori_loop`` (the gradients scaled by a
-  per-iteration factor so that nothing is loop-invariant), per step: the compiled work
-  alone, no dispatch;
+- **dispatched**: one donated jitted step (update + apply_updates) per Python call, blocked: what a
+  training loop that jits only the step sees (arrays cross the jit boundary every step);
+- **in loop**: ``K`` steps inside one jitted ``fori_loop`` (the gradients scaled by a per-iteration
+  factor so that nothing is loop-invariant), per step: the compiled work alone, no dispatch;
 - **compile**: ``lower + compile`` of the dispatched step;
 
-plus the kernels in the compiled step (the XLA ops of its entry computation that run
-as kernels) and the arrays crossing its jit boundary.
+plus the kernels in the compiled step (the XLA ops of its entry computation that run as kernels) and
+the arrays crossing its jit boundary, and a check that ``packed=True`` gives the default's numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.common import TorchCase, compare_trees, interleave, machine_line, make_tree, stats
 from benchmarks.workloads import (
     CONFIGS,
     Config,
@@ -48,15 +45,24 @@ IMPLS = ["default", "packed", "optax", "optax.flatten", "one_leaf"]
 _NOT_KERNELS = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "opt-barrier"}
 
 
-def manyleaf_workloads(quick: bool) -> list[Workload]:
+OUTPUT = "manyleaf"
+
+
+def manyleaf_workloads(quick: bool, names: set[str] | frozenset[str] = frozenset()) -> list[Workload]:
+    """The default trees, or those of them and of the extra ones named in ``names``."""
     if quick:
         return [_uniform("leaves_40x64", "40 leaves x 64", 40, 64)]
-    return [
-        _uniform("leaves_2000x64", "2000 leaves x 64", 2000, 64),
+    default = [
+        _uniform("leaves_1500x64", "1500 leaves x 64", 1500, 64),
         Workload("gpt", "GPT-like, vocab 32000, d=384, 12 layers", transformer_shapes(32000, 384, 12, 512)),
+    ]
+    extra = [
+        _uniform("leaves_2000x64", "2000 leaves x 64", 2000, 64),
         _uniform("leaves_500x64", "500 leaves x 64", 500, 64),
         _uniform("leaves_2000x4k", "2000 leaves x 4k", 2000, 4096),
     ]
+    picked = [w for w in default + extra if w.name in names]
+    return picked or default
 
 
 def make_impl(name: str, cfg: Config) -> optax.GradientTransformation:
@@ -65,18 +71,7 @@ def make_impl(name: str, cfg: Config) -> optax.GradientTransformation:
     if name == "optax.flatten":
         return optax.flatten(make_rmsprop_jax(cfg))
     if name == "packed":
-        import rmsprop_jax
-        from benchmarks.workloads import DECAY, EPS, LR
-
-        return rmsprop_jax.rmsprop(
-            LR,
-            DECAY,
-            EPS,
-            centered=cfg.centered,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            packed=True,
-        )
+        return make_rmsprop_jax(cfg, packed=True)
     return make_rmsprop_jax(cfg)  # default, one_leaf
 
 
@@ -177,8 +172,6 @@ def measure(
     loop_rounds: int,
     k_loop: int | None,
     torch_cuda: bool,
-    interleave: Callable[..., dict[str, list[float]]],
-    make_tree: Callable[..., Any],
     impls_selected: list[str] | None = None,
 ) -> dict[str, Any]:
     params = make_tree(wl.shapes, seed=seed)
@@ -204,15 +197,11 @@ def measure(
     p_pk = cases["packed"].step(jax.tree.map(jnp.copy, params), make_impl("packed", cfg).init(params), grads)[
         0
     ]
-    from benchmarks.run import _stats, compare_trees  # run imports this module: import here
-
     diff, bitwise = compare_trees(p_def, p_pk)
     del p_def, p_pk
 
     timers: dict[str, Callable[[], float]] = {k: c.dispatched for k, c in cases.items()}
     if torch_cuda:
-        from benchmarks.run import TorchCase
-
         timers["torch_foreach"] = TorchCase(cfg, params, grads, "cuda")
         timers["torch_foreach_graph"] = TorchGraphCase(cfg, params, grads)
     disp = interleave(timers, rounds, per_round)
@@ -220,11 +209,11 @@ def measure(
 
     impls: dict[str, Any] = {}
     for name in timers:
-        st: dict[str, Any] = {"dispatched": _stats(disp[name])}
+        st: dict[str, Any] = {"dispatched": stats(disp[name])}
         if name in cases:
             c = cases[name]
             st |= {
-                "in_loop": _stats(loop[name]) if loop else None,
+                "in_loop": stats(loop[name]) if loop else None,
                 "compile_s": c.compile_s,
                 "lower_s": c.lower_s,
                 "loop_compile_s": c.loop_compile_s,
@@ -263,8 +252,6 @@ def run_section(
     names: set[str] | None,
     quick: bool,
     budget_s: float | None,
-    interleave: Callable[..., Any],
-    make_tree: Callable[..., Any],
     torch_cuda: bool,
     loop: bool = True,
     on_group: Callable[[dict[str, Any]], None] | None = None,
@@ -290,9 +277,7 @@ def run_section(
             "wall_s": time.perf_counter() - t_start,
         }
 
-    for i, wl in enumerate(manyleaf_workloads(quick)):
-        if names and {w.name for w in manyleaf_workloads(quick)} & names and wl.name not in names:
-            continue
+    for i, wl in enumerate(manyleaf_workloads(quick, names or set())):
         # 2000 x 4k: the loop programs compile for minutes on XLA:CPU; dispatched + compile only there
         k_loop = 5 if quick else (None if wl.num_leaves >= 1000 and wl.num_params > 4_000_000 else 20)
         if k_loop and not quick and wl.num_params > 4_000_000:
@@ -306,9 +291,7 @@ def run_section(
                 skipped.append(f"{wl.name}/{cfg.name}")
                 continue
             print(f"  many-leaf: {wl.description}, {cfg.name}", flush=True)
-            g = measure(
-                wl, cfg, i, rounds, per_round, loop_rounds, k_loop, torch_cuda, interleave, make_tree, impls
-            )
+            g = measure(wl, cfg, i, rounds, per_round, loop_rounds, k_loop, torch_cuda, impls)
             r = g["vs_optax"]
             print(
                 "    vs optax: "
@@ -336,8 +319,9 @@ def _ms(st: dict[str, Any] | None) -> str:
     return "–" if not st else f"{st['median_ms']:.3g}"
 
 
-def markdown(data: dict[str, Any], machine: str) -> str:
+def markdown(data: dict[str, Any]) -> str:
     sec = data["manyleaf"]
+    machine = machine_line(data["machine"])
     extra = [
         k for k in ("torch_foreach", "torch_foreach_graph") if any(k in g["impls"] for g in sec["groups"])
     ]

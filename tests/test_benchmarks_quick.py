@@ -1,7 +1,8 @@
-"""The benchmark suite's quick mode runs end to end and writes well-formed outputs.
+"""The benchmark suite's quick mode (``python -m benchmarks.run --quick``) runs end to end and
+writes well-formed outputs for every section.
 
-No timing is asserted: only that every figure the suite promises is there, finite
-and consistent with itself, so the suite cannot rot.
+No timing is asserted: only that every figure the suite promises is there, finite and consistent
+with itself, so the suite cannot rot. The suite and this test use rmsprop_jax's public API only.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_quick_json_is_complete(quick_run: Path) -> None:
     data = json.loads((quick_run / "results.json").read_text())
-    assert data["quick"] is True
-    assert {"platform", "cpu_model", "cpu_cores", "jax", "optax"} <= set(data["machine"])
+    assert data["quick"] is True and data["section"] == "step"
+    assert {"platform", "cpu_model", "cpu_cores", "jax", "optax", "git_commit"} <= set(data["machine"])
     workloads = {g["workload"] for g in data["groups"]}
     assert workloads == {"large_leaf", "leaves_512", "leaves_2000", "transformer"}
     assert {g["config"] for g in data["groups"]} == {"plain", "centered_momentum_wd"}
@@ -81,13 +82,15 @@ def test_quick_markdown_and_plot(quick_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["results", "lowmem", "manyleaf", "lowmem_quality"])
+def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path, name: str) -> None:
+    """``--render`` (here through the file entry point) rebuilds each section's .md and .png."""
     proc = subprocess.run(
         [
             sys.executable,
             "benchmarks/run.py",
             "--render",
-            str(quick_run / "results.json"),
+            str(quick_run / f"{name}.json"),
             "--out",
             str(tmp_path),
         ],
@@ -97,13 +100,13 @@ def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path) -> N
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "results.md").read_text() == (quick_run / "results.md").read_text()
-    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert (tmp_path / f"{name}.md").read_text() == (quick_run / f"{name}.md").read_text()
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_quick_lowmem_section(quick_run: Path) -> None:
-    """The low-memory section (benchmarks/lowmem.py): bytes per parameter and step-cost ratios."""
+    """The low-memory section (benchmarks/lowmem.py): bytes per parameter, step-cost ratios, nu error."""
     data = json.loads((quick_run / "lowmem.json").read_text())
     assert set(data["modes"]) == {"float32", "bf16_sr", "int8"}
     assert {(g["workload"], g["config"]) for g in data["groups"]} == {
@@ -126,8 +129,14 @@ def test_quick_lowmem_section(quick_run: Path) -> None:
         if g["workload"] != "large_leaf":  # --quick times the large leaf only
             assert g["cost"] is None
             continue
+        assert set(g["cost"]) == {"float32", "bf16_sr", "int8", "int8_apply"}
         for mode, c in g["cost"].items():
             assert c["median_ms"] > 0 and c["ratio_to_float32"] > 0, (g["workload"], mode, c)
+        # decoded nu after the same steps: float32 exact, the lossy formats close (< 5 %)
+        assert g["cost"]["float32"]["nu_rel_err"] == 0
+        assert all(0 < g["cost"][m]["nu_rel_err"] < 0.05 for m in ("bf16_sr", "int8", "int8_apply")), g[
+            "cost"
+        ]
     md = (quick_run / "lowmem.md").read_text()
     assert "| workload | config | float32 | bf16_sr | int8 |" in md and "nan" not in md.lower()
     assert (quick_run / "lowmem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -153,3 +162,36 @@ def test_quick_manyleaf_section(quick_run: Path) -> None:
     md = (quick_run / "manyleaf.md").read_text()
     assert "| tree | config | measure |" in md and "nan" not in md.lower()
     assert (quick_run / "manyleaf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_quality_section(quick_run: Path) -> None:
+    """The quality section: every (model, config, format) trained, accuracies and losses finite."""
+    data = json.loads((quick_run / "lowmem_quality.json").read_text())
+    assert set(data["modes"]) == {"float32", "bf16_sr", "int8", "int8_all"}
+    seen = {(r["model"], r["config"], r["mode"]) for r in data["runs"]}
+    formats = ("float32", "bf16_sr", "int8", "int8_all")
+    assert seen == {("cnn", "plain", f) for f in formats} | {
+        ("quadratic", c, f) for c in ("plain", "centered_momentum") for f in formats
+    }
+    for r in data["runs"]:
+        if r["model"] == "quadratic":
+            assert math.isfinite(r["final_loss"]) and r["final_loss"] < r["initial_loss"], r
+        else:
+            assert 0.5 < r["test_acc"][-1] <= 1, (r["config"], r["mode"], r["test_acc"])
+        if r["mode"] == "int8_all":  # every leaf in 8 bits
+            assert r["quantized_share"] > 0.99
+    md = (quick_run / "lowmem_quality.md").read_text()
+    assert "| model | config | state |" in md and "nan" not in md.lower()
+    assert (quick_run / "lowmem_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmarks_use_the_public_api_only() -> None:
+    """No module of the suite imports a private module of rmsprop_jax (they break at refactors)."""
+    import re
+
+    offenders = []
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        text = path.read_text()
+        if re.search(r"rmsprop_jax\._|from rmsprop_jax import _|from rmsprop_jax\._", text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders

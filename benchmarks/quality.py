@@ -1,52 +1,40 @@
-"""Training quality with low-memory optimizer state: float32 vs bf16-SR vs int8 accumulators.
+"""Section ``quality``: training quality with each state format (float32, bf16-SR, int8, int8 on every leaf).
 
-    python -m benchmarks.lowmem_quality                 # 2 seeds, ~10-15 minutes on 2 loaded cores
-    python -m benchmarks.lowmem_quality --quick         # 1 seed, 2 epochs, short quadratic
-    python -m benchmarks.lowmem_quality --render benchmarks/results/cpu-2core/lowmem_quality.json
-
-Models (notebook 02's, from ``rmsprop_jax._examples``, float32 parameters): the
-digits CNN and the row-by-row GRU, 8 epochs, batch 32, test accuracy after each
-epoch; and a noisy quadratic, ``f(x) = 0.5 * sum(h * x**2)`` with ``h``
-log-spaced over [1e-3, 1] on 65536 coordinates and N(0, 0.1**2) gradient noise,
-4000 steps. Each is trained with every state format of :mod:`benchmarks.lowmem`
-(``float32``, ``bf16_sr``, ``int8``, plus ``int8_all``:
-``quantization=rmsprop_jax.Blockwise(min_size=0)``, every leaf quantized, none kept in float32) under
-two configurations with the same effective step size:
+Models (notebook 02's, copied into :mod:`benchmarks.digits`, float32 parameters): the digits CNN and
+the row-by-row GRU, 8 epochs, batch 32, test accuracy after each epoch; and a noisy quadratic,
+``f(x) = 0.5 * sum(h * x**2)`` with ``h`` log-spaced over [1e-3, 1] on 65536 coordinates and
+N(0, 0.1**2) gradient noise, 4000 steps. Each is trained with every state format of
+:mod:`benchmarks.lowmem` (``float32``, ``bf16_sr``, ``int8``, plus ``int8_all``:
+``accumulator_dtype=rmsprop_jax.Int8(min_size=0)``, every leaf quantized, none kept in float32)
+under two configurations with the same effective step size:
 
 * ``plain``: ``rmsprop(lr)`` (decay 0.9);
 * ``centered_momentum``: ``rmsprop(lr / 10, centered=True, momentum=0.9)``.
 
-Reported per (model, configuration, format): final test accuracy (mean over the
-seeds, and each seed), its difference to the float32 state, the final training
-loss, the share of accumulator elements stored in one byte (bitsandbytes' rule
-keeps leaves below 4096 elements in float32, so int8 does not apply to all of a
-small model), and the state bytes per parameter. Outputs ``lowmem_quality.json``,
-``.md`` and ``.png``.
+Reported per (model, configuration, format): final test accuracy (mean over the seeds, and each
+seed), its difference to the float32 state, the final training loss, the share of accumulator
+elements stored in one byte (bitsandbytes' rule keeps leaves below 4096 elements in float32, so
+int8 does not apply to all of a small model), and the state bytes per parameter. Full: seeds 0 and 1;
+``--quick``: seed 0, the CNN for 1 epoch (plain config only) and a 300-step quadratic on 8192
+coordinates.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: `benchmarks` (which adds src/) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import benchmarks  # noqa: F401
 import rmsprop_jax
+from benchmarks.common import loadavg, machine_line, state_summary
 from benchmarks.lowmem import MODES
-from benchmarks.run import machine_info, machine_tag
 
-ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = "lowmem_quality"
 LRS = {"cnn": 1e-3, "gru": 3e-3, "quadratic": 1e-3}
 CONFIGS: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -56,24 +44,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def modes() -> dict[str, dict[str, Any]]:
     """The benchmark's state formats, plus int8 on every leaf where the package allows it."""
-    out = dict(MODES)
-    if hasattr(rmsprop_jax, "Blockwise"):
-        out["int8_all"] = {"accumulator_dtype": "int8", "quantization": rmsprop_jax.Blockwise(min_size=0)}
-    return out
+    return {**MODES, "int8_all": {"accumulator_dtype": rmsprop_jax.Int8(min_size=0)}}
 
 
 def make_tx(model: str, config: str, mode_kw: dict[str, Any]) -> optax.GradientTransformation:
     cfg = dict(CONFIGS[config])
     lr = LRS[model] * cfg.pop("lr_scale", 1.0)
     return rmsprop_jax.rmsprop(lr, **cfg, **mode_kw)
-
-
-def state_summary(state: Any, num_params: int, accumulators: int) -> dict[str, float]:
-    """State bytes per parameter and the share of accumulator elements kept in one byte."""
-    leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
-    total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
-    one_byte = sum(int(np.prod(x.shape)) for x in leaves if jnp.dtype(x.dtype).itemsize == 1)
-    return {"bytes_per_param": total / num_params, "quantized_share": one_byte / (accumulators * num_params)}
 
 
 def _accumulators(config: str) -> int:
@@ -86,14 +63,14 @@ def train_digits(
 ) -> dict[str, Any]:
     from flax import nnx
 
-    from rmsprop_jax import _examples as ex
+    from benchmarks import digits as ex
 
     data = ex.digits(split_seed=0)
     model = ex.make_model(model_kind, seed=seed)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     tx = make_tx(model_kind, config, mode_kw)
     t0 = time.perf_counter()
-    model, opt, hist = ex.fit(model, tx, data, epochs=epochs, seed=seed, eval_on="test")
+    model, opt, hist = ex.fit(model, tx, data, epochs=epochs, seed=seed)
     return {
         "test_acc": hist.test_acc,
         "test_loss": hist.test_loss,
@@ -130,15 +107,22 @@ def train_quadratic(config: str, mode_kw: dict[str, Any], seed: int, steps: int,
     } | state_summary(state, n, _accumulators(config))
 
 
-def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
-    epochs = 2 if quick else 8
+def run_section(quick: bool, names: set[str], seeds: list[int] | None = None) -> dict[str, Any]:
+    """Every model x config x format x seed (``names`` may pick models: cnn, gru, quadratic)."""
+    seeds = seeds or ([0] if quick else [0, 1])
+    epochs = 1 if quick else 8
     steps, n = (300, 1 << 13) if quick else (4000, 1 << 16)
+    models = ("cnn", "quadratic") if quick else ("cnn", "gru", "quadratic")
+    if set(models) & names:
+        models = tuple(m for m in models if m in names)
     all_modes = modes()
     runs = []
     t0 = time.perf_counter()
-    load = [round(os.getloadavg()[0], 2)]
-    for model_kind in ("cnn", "gru", "quadratic"):
+    load = [loadavg()]
+    for model_kind in models:
         for config in CONFIGS:
+            if quick and model_kind != "quadratic" and config != "plain":
+                continue  # --quick: the CNN on the plain config only (its compiles dominate)
             for mode, kw in all_modes.items():
                 for seed in seeds:
                     if model_kind == "quadratic":
@@ -155,11 +139,8 @@ def run(quick: bool, seeds: list[int]) -> dict[str, Any]:
                         f"{r['wall_s']:.1f} s",
                         flush=True,
                     )
-    load.append(round(os.getloadavg()[0], 2))
+    load.append(loadavg())
     return {
-        "timestamp_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "quick": quick,
-        "machine": machine_info(),
         "settings": {
             "epochs": epochs,
             "quadratic_steps": steps,
@@ -213,8 +194,7 @@ def summary_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(data: dict[str, Any]) -> str:
     m, st = data["machine"], data["settings"]
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['platform']}), jax {m['jax']}; "
-        f"load average {data['loadavg_1min']}; {data['timestamp_utc']}. "
+        f"Training quality. {machine_line(m)}; load average {data['loadavg_1min']}; {data['timestamp_utc']}. "
         f"{'Quick mode. ' if data['quick'] else ''}"
         f"Digits: {st['epochs']} epochs, batch 32, seeds {st['seeds']}; quadratic: {st['quadratic_steps']} "
         f"steps on {st['quadratic_n']} coordinates. lr {st['lrs']} (x0.1 with momentum 0.9).",
@@ -296,41 +276,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax[3].set_title(f"noisy quadratic f(x), {config}", fontsize=9)
         for a in ax:
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            if a.get_legend_handles_labels()[0]:  # --quick trains no GRU
+                a.legend(fontsize=7)
         ax[2].set_ylim(80, 100)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_outputs(data: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lowmem_quality.json").write_text(json.dumps(data))
-    (out / "lowmem_quality.md").write_text(markdown(data))
-    plot(data, out / "lowmem_quality.png")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.lowmem_quality", description=(__doc__ or "").split("\n")[0]
-    )
-    ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, short quadratic")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; quick 0)")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--render", type=Path, default=None, help="only rebuild .md/.png from this JSON")
-    args = ap.parse_args(argv)
-    if args.render is not None:
-        write_outputs(json.loads(args.render.read_text()), args.out or args.render.parent)
-        return 0
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1])
-    data = run(args.quick, seeds)
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        machine_tag(data["machine"]) + ("-quick" if args.quick else "")
-    )
-    write_outputs(data, out)
-    print(f"wrote {out}/lowmem_quality.json, .md, .png in {data['wall_s']:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -115,6 +115,15 @@ def test_guide_pages_exist_and_hold_examples() -> None:
         assert f"\n{page}\n" in index, f"docs/{page}.md is not in the index's toctree"
 
 
+def test_guide_argument_table_lists_every_argument() -> None:
+    """docs/equations.md's table names every argument of rmsprop(), in signature order."""
+    import inspect
+
+    section = (DOCS / "equations.md").read_text(encoding="utf-8").split("## Every argument", 1)[1]
+    rows = re.findall(r"^\| `(\w+)` \|", section.split("\n## ", 1)[0], re.M)
+    assert rows == list(inspect.signature(rmsprop_jax.rmsprop).parameters)
+
+
 def test_block_extraction_honours_skip_markers() -> None:
     """Mutation check of the extractor: a skip marker skips the next block only; others all run."""
     text = "a\n\n```python\nx = 1\n```\n\n<!-- skip -->\n```python\ngpu()\n```\n```python\ny = x\n```\n"

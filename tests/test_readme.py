@@ -41,3 +41,18 @@ def test_readme_quickstart_really_trains(capsys: pytest.CaptureFixture[str]) -> 
     loss = float(namespace["loss"])  # type: ignore[arg-type]
     assert loss < 1e-2, loss
     assert "('count', 'nu', 'mu', 'trace')" in capsys.readouterr().out
+
+
+def _option_rows(text: str, heading: str) -> list[str]:
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", section, re.M)
+
+
+def test_readme_option_table_lists_every_argument() -> None:
+    """The README's one table of options names every argument of rmsprop(), in signature order."""
+    import inspect
+
+    import rmsprop_jax
+
+    rows = _option_rows(README.read_text(encoding="utf-8"), "## Every option of `rmsprop()`")
+    assert rows == list(inspect.signature(rmsprop_jax.rmsprop).parameters)

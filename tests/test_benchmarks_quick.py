@@ -84,22 +84,20 @@ def test_quick_markdown_and_plot(quick_run: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["results", "lowmem", "manyleaf", "lowmem_quality"])
 def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path, name: str) -> None:
-    """``--render`` (here through the file entry point) rebuilds each section's .md and .png."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/run.py",
-            "--render",
-            str(quick_run / f"{name}.json"),
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """``--render`` rebuilds each section's .md and .png (the step section through the file entry
+    point, in a subprocess; the others in this process, which saves a JAX start-up each)."""
+    argv = ["--render", str(quick_run / f"{name}.json"), "--out", str(tmp_path)]
+    if name == "results":
+        cmd = [sys.executable, "benchmarks/run.py", *argv]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        sys.path.insert(0, str(ROOT))
+        try:
+            from benchmarks import run
+        finally:
+            sys.path.remove(str(ROOT))
+        assert run.main(argv) == 0
     assert (tmp_path / f"{name}.md").read_text() == (quick_run / f"{name}.md").read_text()
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
@@ -170,7 +168,7 @@ def test_quick_quality_section(quick_run: Path) -> None:
     assert set(data["modes"]) == {"float32", "bf16_sr", "int8", "int8_all"}
     seen = {(r["model"], r["config"], r["mode"]) for r in data["runs"]}
     formats = ("float32", "bf16_sr", "int8", "int8_all")
-    assert seen == {("cnn", "plain", f) for f in formats} | {
+    assert seen == {("cnn", "plain", f) for f in ("float32", "int8_all")} | {
         ("quadratic", c, f) for c in ("plain", "centered_momentum") for f in formats
     }
     for r in data["runs"]:

@@ -54,12 +54,10 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "optax": optax.__version__,
     }
-    try:
-        import rmsprop_jax
+    import rmsprop_jax
 
-        info["rmsprop_jax"] = getattr(rmsprop_jax, "__version__", None)
-    except ImportError:  # pragma: no cover
-        pass
+    info["rmsprop_jax"] = getattr(rmsprop_jax, "__version__", None)
+    info["rmsprop_jax_file"] = str(Path(rmsprop_jax.__file__).resolve())
     info["git_commit"] = git_commit()
     try:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
@@ -73,20 +71,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (short), '+dirty' when src/ has uncommitted changes; None outside git."""
+    """The checkout's commit (short), '+dirty' when the package is imported from this checkout's
+    src/ and src/ has uncommitted changes; None outside git. (Measuring an exported tree, e.g.
+    ``git archive HEAD src`` on PYTHONPATH: ``rmsprop_jax_file`` in the machine record says so.)"""
     import subprocess
 
+    import rmsprop_jax
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD").strip()
+        here = (ROOT / "src") in Path(rmsprop_jax.__file__).resolve().parents
+        dirty = here and bool(git("status", "--porcelain", "--", "src").strip())
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None

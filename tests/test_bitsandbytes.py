@@ -23,7 +23,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import _executor, _quantize
+from rmsprop_jax import _quantize
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
@@ -139,16 +139,6 @@ def _int8(**blockwise: Any) -> optax.GradientTransformation:
 def test_rmsprop_int8_flat_equals_the_preset() -> None:
     """The preset is an argument mapping: rmsprop(accumulator_dtype='int8', layout='flat') is bnb."""
     _compare(_ours(_int8()), _bnb(8, 0.0))
-
-
-@pytest.fixture
-def fresh_caches():
-    """Monkeypatched codecs must be retraced: clear jit and executor caches around the test."""
-    jax.clear_caches()
-    _executor._leaf_fn.cache_clear()
-    yield
-    jax.clear_caches()
-    _executor._leaf_fn.cache_clear()
 
 
 def _linear_map(signed: bool) -> np.ndarray:

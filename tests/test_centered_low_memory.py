@@ -17,7 +17,6 @@ its program (no floor, bit-identical to optax.rmsprop centered).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax import _codecs, _executor
+from rmsprop_jax import _codecs
 from rmsprop_jax._update import Flags, Scalars, rms_leaf
 
 N, STEPS, LR = 4096, 400, 1e-4
@@ -41,11 +40,8 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(autouse=True)
-def _fresh_leaf_cache() -> Iterator[None]:
+def _fresh(fresh_caches: None) -> None:
     """The floor is read at trace time: no compiled leaf function may outlive a monkeypatch."""
-    _executor._leaf_fn.cache_clear()
-    yield
-    _executor._leaf_fn.cache_clear()
 
 
 def _quadratic(mode: str, dt: Any = jnp.float32, seed: int = 0) -> np.ndarray:

@@ -113,19 +113,13 @@ def test_the_kernel_runs_once_per_eligible_leaf() -> None:
     assert _pallas_calls("pallas", {"w": (64, 512)}, weight_decay=1e-2, weight_decay_mask=mask) == 0
 
 
-def test_a_wrong_table_in_the_kernel_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_wrong_table_in_the_kernel_fails(monkeypatch: pytest.MonkeyPatch, fresh_caches: None) -> None:
     """Mutation: the kernel quantizing with the unsigned map's LUT must not pass the comparison."""
     real = _pallas_int8._tables
     reference = _run("xla", CONFIGS["plain"])
     monkeypatch.setattr(_pallas_int8, "_tables", lambda signed: (real(signed)[0], real(not signed)[1]))
-    _executor._leaf_fn.cache_clear()  # the jitted leaf functions were traced with the real tables
-    jax.clear_caches()
-    try:
-        with pytest.raises(AssertionError):
-            _compare(reference, _run("pallas", CONFIGS["plain"]))
-    finally:
-        _executor._leaf_fn.cache_clear()
-        jax.clear_caches()
+    with pytest.raises(AssertionError):
+        _compare(reference, _run("pallas", CONFIGS["plain"]))
 
 
 def test_state_types_and_shapes() -> None:

@@ -193,6 +193,28 @@ def restore_quantized(tree: Any, codec: Quantized) -> Any:
     )
 
 
+def as_received(received: Any, new: Any) -> Any:
+    """``new`` with each ``QuantizedLeaf`` put back into the container its old value came in.
+
+    Where ``update`` received an 8-bit leaf as a mapping (the ``nnx.State`` of Flax NNX, see
+    :func:`restore_quantized`), it returns the new leaf as the same kind of mapping, so that
+    wrappers that combine the incoming and the new inner state leaf by leaf
+    (``optax.MultiSteps``, ``optax.apply_if_finite``) see one structure.
+    """
+    if received is None or new is None:
+        return new
+
+    def back(old: Any, leaf: Any) -> Any:
+        if is_quantized(old) or not is_quantized(leaf):
+            return leaf
+        try:
+            return type(old)({"absmax": leaf.absmax, "codes": leaf.codes})
+        except TypeError:  # a mapping type that cannot be built from a dict: keep the leaf
+            return leaf
+
+    return jax.tree.map(back, received, new, is_leaf=_is_stored_quantized)
+
+
 def reject_quantized(state: Any, where: str) -> None:
     """Raise a clear ValueError if any accumulator of ``state`` is 8-bit (for the interop exports)."""
     if any(is_quantized(x) for x in jax.tree.leaves(state, is_leaf=is_quantized)):

@@ -292,6 +292,12 @@ def _run_packed(
     if ps is not None:
         _packed.check_packable(ps)
     static, dynamic = split_scalars(scalars)
+    codecs = tuple(codecs) if codecs is not None else (_PLAIN3,) * len(layout.groups)
+    # Stochastic rounding: each leaf's keys, as in the per-leaf strategy (same bits per element).
+    keys = None
+    if rounding is not None and any(cs != _PLAIN3 for cs in codecs):
+        seed, step = rounding
+        keys = _quantize.leaf_keys(seed, step, len(gs))
     wd_static: list[bool | None] = []
     group_masks: list[Any] = []
     for group in layout.groups:
@@ -302,9 +308,10 @@ def _run_packed(
         else:  # the mask differs within the group (or is an array): one boolean per element
             wd_static.append(None)
             group_masks.append([jnp.asarray(m, bool) for m in ms])
-    fn = _packed_fn(flags, static, layout, tuple(wd_static), ps is not None)
+    fn = _packed_fn(flags, static, layout, tuple(wd_static), ps is not None, codecs)
     updates, (nus, mus, trs) = fn(
         dynamic,
+        keys,
         list(gs),
         list(ps) if ps is not None else [],
         nu.buffers,
@@ -331,6 +338,7 @@ def _packed_fn(
     layout: _packed.Layout,
     wd_static: tuple[bool | None, ...],
     has_params: bool,
+    codecs: tuple[Codecs, ...],
 ) -> Callable[..., Any]:
     """One jitted function for the whole packed update of a layout and static configuration.
 
@@ -340,7 +348,14 @@ def _packed_fn(
     fixed = {name: value for name, _, value in static}
 
     def update(
-        dynamic: dict[str, Any], gs: list[Any], ps: list[Any], nus: Any, mus: Any, trs: Any, masks: Any
+        dynamic: dict[str, Any],
+        keys: Any,
+        gs: list[Any],
+        ps: list[Any],
+        nus: Any,
+        mus: Any,
+        trs: Any,
+        masks: Any,
     ) -> tuple[list[Any], tuple[list[Any], list[Any], list[Any]]]:
         scalars = Scalars(**fixed, **dynamic)
         n = layout.treedef.num_leaves
@@ -365,12 +380,24 @@ def _packed_fn(
                 )
             else:
                 wd_on = wd_static[k]
-            mu = None if mus is None else mus[k]
-            tr = None if trs is None else trs[k]
-            u, nu_k, mu_k, tr_k = rms_leaf(flags, scalars, g, p, nus[k], mu, tr, wd_on)
+            cs = codecs[k]
+            mu = None if mus is None else cs[1].decode(mus[k])
+            tr = None if trs is None else cs[2].decode(trs[k])
+            var_floor = max(cs[0].variance_floor, cs[1].variance_floor) if flags.centered else 0.0
+            u, *accs = rms_leaf(flags, scalars, g, p, cs[0].decode(nus[k]), mu, tr, wd_on, var_floor)
             for i, x in zip(group.leaves, _packed.split(u, group), strict=True):
                 updates[i] = x.astype(jnp.result_type(gs[i]))
-            for out, x in zip(new, (nu_k, mu_k, tr_k), strict=True):
+            for j, (out, x) in enumerate(zip(new, accs, strict=True)):
+                if x is not None and keys is not None and cs[j] is not PLAIN:
+                    # each leaf's bits, as the per-leaf strategy draws them, gathered like the leaves
+                    bits = [
+                        _quantize.hash_bits(keys[i, j], s)
+                        for i, s in zip(group.leaves, group.shapes, strict=True)
+                    ]
+                    index = dataclasses.replace(group, leaves=tuple(range(len(group.leaves))))
+                    x = cs[j].encode(x, _packed.gather(bits, index, jnp.uint32))
+                elif x is not None:
+                    x = cs[j].encode(x, None)  # type: ignore[arg-type]  # no bits: not stochastic
                 out.append(x)
         return updates, new
 

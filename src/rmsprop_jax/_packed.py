@@ -70,6 +70,7 @@ class Layout:
 
     treedef: Any  # jax.tree_util.PyTreeDef
     groups: tuple[Group, ...]
+    paths: tuple[str, ...] = ()  # each leaf's key path, boxes removed (see leaf_path)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -158,7 +159,20 @@ def build_layout(
         sizes = [math.prod(s) for s in shapes]
         offsets = tuple(int(o) for o in np.cumsum([0, *sizes[:-1]]))
         groups.append(Group(name, nu_dt, acc_dt, wd, tuple(idx), shapes, offsets, int(sum(sizes))))
-    return Layout(treedef, tuple(groups))
+    return Layout(treedef, tuple(groups), tuple(leaf_path(p) for p, _ in paths_leaves))
+
+
+def leaf_path(path: Any) -> str:
+    """A leaf's key path as a string, without the ``.value`` of a box around it.
+
+    Flax NNX's ``nnx.Optimizer`` calls ``init`` on ``nnx.Param``-wrapped leaves (a pytree node
+    whose one child is ``.value``) and ``update`` on the pure arrays: the two trees differ only
+    by those boxes, so the packed layout compares paths without them.
+    """
+    keys = list(path)
+    while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys.pop()
+    return jax.tree_util.keystr(tuple(keys))
 
 
 def full(layout: Layout, value: Any, which: str) -> Any:  # a PackedTree; Any to fit optax's state types
@@ -209,10 +223,10 @@ def _sharded_error(leaf: Any, sharding: Any) -> ValueError:
     )
 
 
-def structure(nu: Any) -> tuple[Any, list[tuple[int, ...]]] | None:
-    """``(treedef, leaf shapes)`` of the parameters a packed ``nu`` was built for; ``None`` if not packed."""
+def structure(nu: Any) -> tuple[tuple[str, ...], list[tuple[int, ...]]] | None:
+    """``(leaf paths, leaf shapes)`` of the parameters a packed ``nu`` was built for, or ``None``."""
     if isinstance(nu, PackedTree):
-        return nu.layout.treedef, nu.layout.shapes
+        return nu.layout.paths, nu.layout.shapes
     return None
 
 

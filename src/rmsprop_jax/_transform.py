@@ -21,7 +21,15 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _executor, _packed, _validate
-from rmsprop_jax._codecs import PLAIN, Codec, Quantized, is_quantized, restore_quantized, stored_shape
+from rmsprop_jax._codecs import (
+    PLAIN,
+    Codec,
+    Quantized,
+    as_received,
+    is_quantized,
+    restore_quantized,
+    stored_shape,
+)
 from rmsprop_jax._formats import Format, Int8, resolve
 from rmsprop_jax._update import Flags, Scalars
 
@@ -144,18 +152,21 @@ def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
 def _check_structure(grads: Any, state: RmsPropState, params: Any) -> Any:
     """Grads must have the state's tree, its shapes, and a float (complex only for complex params) dtype."""
     treedef: Any = jax.tree.structure(grads)  # jaxlib ships no stubs: PyTreeDef is opaque to mypy
+    paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
     packed = _packed.structure(state.nu)
-    nu_def, nu_shapes = packed or (
-        jax.tree.structure(state.nu, is_leaf=is_quantized),
-        [stored_shape(x) for x in jax.tree.leaves(state.nu, is_leaf=is_quantized)],
-    )
-    if treedef != nu_def:
+    if packed is not None:  # compared by key paths: see _packed.leaf_path
+        nu_def, nu_shapes = packed
+        same = tuple(_packed.leaf_path(p) for p, _ in paths_grads) == nu_def
+    else:
+        nu_def = jax.tree.structure(state.nu, is_leaf=is_quantized)
+        nu_shapes = [stored_shape(x) for x in jax.tree.leaves(state.nu, is_leaf=is_quantized)]
+        same = treedef == nu_def
+    if not same:
         raise ValueError(
             "the gradient tree does not match the optimizer state.\n"
             f"  gradients: {treedef}\n  state.nu:  {nu_def}\n"
             "Pass gradients with the structure of the params given to init()."
         )
-    paths_grads = jax.tree_util.tree_flatten_with_path(grads)[0]
     ps = treedef.flatten_up_to(params) if params is not None else [None] * len(paths_grads)
     for (path, g), nu_shape, p in zip(paths_grads, nu_shapes, ps, strict=True):
         name = jax.tree_util.keystr(path) or "<root>"
@@ -238,17 +249,16 @@ def _codec_of(fmt: Format, stored: Any) -> Codec:
 
 
 def _check_packable(params: Any, fmt: Format) -> None:
-    """``packed=True`` stores plain float buffers: 8-bit or stochastically rounded leaves raise."""
+    """``packed=True`` stores float buffers (any rounding): 8-bit leaves raise."""
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype):
             codec = fmt.codec(tuple(p.shape), dt)
-            if codec is not PLAIN:
+            if isinstance(codec, Quantized):
                 raise ValueError(
                     f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
-                    f"({p.shape}, {jnp.dtype(dt)} accumulators) as {type(codec).__name__}: the packed "
-                    "layout holds plain float buffers. Use packed=False for 8-bit or stochastically "
-                    "rounded state, or accumulator_dtype=rmsprop_jax.Float(rounding='optax') (round to "
-                    "nearest, as optax) with low-precision accumulators."
+                    f"({p.shape}) as 8-bit codes: the packed layout holds float buffers (an 8-bit "
+                    "block would straddle leaves). Use packed=False for 8-bit state, or "
+                    "optax.flatten(rmsprop_jax.rmsprop(..., accumulator_dtype='int8')) for one 8-bit buffer."
                 )
 
 
@@ -320,6 +330,7 @@ def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
         # optax's convention: keywords other transformations need are accepted and ignored.
         recorder = extra_args.get(_Recorder.KEY)
         # 1. restore the state: a state that went through Flax NNX's Optimizer holds mappings.
+        received = state
         if isinstance(c.fmt, Int8):
             codec = c.fmt.quantized_codec()
             state = state._replace(
@@ -344,9 +355,13 @@ def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
         masks = (
             _mask_leaves(c.weight_decay_mask, params, treedef) if c.weight_decay is not None else [True] * n
         )
-        if c.packed:
+        if c.packed:  # one codec triple per group of leaves
             accs: tuple[Any, Any, Any] = (state.nu, state.mu, state.trace)
-            codecs = None
+            bufs = [
+                cast(Any, x).buffers if x is not None else [None] * len(cast(Any, state.nu).buffers)
+                for x in accs
+            ]
+            codecs = [tuple(_codec_of(c.fmt, x) for x in group) for group in zip(*bufs, strict=True)]
         else:
             accs = (
                 treedef.flatten_up_to(state.nu),
@@ -358,8 +373,14 @@ def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
         rounding = (c.fmt.seed, state.count) if stochastic else None
         args = (flags, scalars, gs, ps if c.weight_decay is not None else None, masks, *accs)
         result = _executor.run(*args, codecs, rounding)  # type: ignore[arg-type]
-        # 5. the new state.
+        # 5. the new state, 8-bit leaves in the containers they came in.
         new_state = _new_state(c, treedef, count_inc, result)
+        if isinstance(c.fmt, Int8) and not c.packed:
+            new_state = new_state._replace(
+                nu=as_received(received.nu, new_state.nu),
+                mu=as_received(received.mu, new_state.mu),
+                trace=as_received(received.trace, new_state.trace),
+            )
         new_updates = treedef.unflatten(result.outs)
         if recorder is not None and ps is not None and any(result.kernel):
             fused = _executor.run(flags, scalars, gs, ps, masks, *accs, codecs, rounding, apply=True)  # type: ignore[arg-type]

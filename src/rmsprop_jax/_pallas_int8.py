@@ -3,7 +3,7 @@
 Through XLA, an 8-bit leaf's step is several passes over memory: the quantizer needs
 each block's new ``absmax = max |nu|`` before it can code any element of the block, so
 XLA materializes the decoded state and the new ``nu`` between a reduction and the
-element-wise code lookup (see ``benchmarks/README.md``, "Low-memory state"). This
+element-wise code lookup (see ``docs/low_memory.md`` and ``benchmarks/README.md``). This
 kernel holds ``rows`` blocks of ``block_size`` elements at a time: it reads the
 gradient (and parameter), the codes and absmax, decodes, calls
 :func:`rmsprop_jax._update.rms_leaf` (the same function as every other path), reduces

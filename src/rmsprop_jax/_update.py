@@ -2,7 +2,7 @@
 
 Everything else in the package (tree plumbing, schedules, validation, state
 layout, presets) lives elsewhere and calls :func:`rms_leaf`. A reader can check
-this function line by line against the README's "Equations" section:
+this function line by line against the docs' "The update and every option" page (docs/equations.md):
 
     g  <- -g                                   if maximize
     g  <- g + wd * p                           coupled weight decay (L2)

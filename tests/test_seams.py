@@ -27,8 +27,12 @@ FORMATS: dict[str, dict[str, Any]] = {
     "packed": {"packed": True},
     "packed_centered_momentum": {"packed": True, "centered": True, "momentum": 0.9},
 }
-# Formats whose numbers equal optax.rmsprop's on float32 parameters (the others are lossy).
-EXACT = {"float32", "centered_momentum", "packed", "packed_centered_momentum"}
+# Formats whose numbers equal optax.rmsprop's on float32 parameters bit for bit; the packed ones
+# equal it within float32 round-off (their documented contract: XLA may fuse the flat buffer's
+# kernel differently, and does under lookahead and MultiSteps); the others are lossy.
+EXACT = {"float32", "centered_momentum"}
+ROUND_OFF = {"packed", "packed_centered_momentum"}
+ULPS = 8.0  # tests/test_packed.py's allowance: 8 ulp of max(1, the leaf's largest value)
 
 WRAPPERS: dict[str, Any] = {
     "masked": lambda make: optax.masked(make(1e-2), {"w": True, "b": False}),
@@ -98,10 +102,15 @@ def test_every_format_under_every_wrapper(fmt: str, wrapper: str, dtype: str) ->
     for leaf in jax.tree.leaves(params):
         assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
         assert leaf.dtype in (jnp.float32, jnp.bfloat16)
-    if dtype == "float32" and fmt in EXACT:
+    if dtype == "float32" and fmt in EXACT | ROUND_OFF:
         want, _ = _train(WRAPPERS[wrapper](_optax_factory(fmt)), wrapper, DTYPES[dtype])
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            x, y = np.asarray(x), np.asarray(y)
+            if fmt in EXACT:
+                np.testing.assert_array_equal(x, y)
+            else:
+                atol = ULPS * float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(y).max()))
+                np.testing.assert_allclose(x, y, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -71,3 +71,13 @@ def max_rel_err(a, b, floor: float = 1e-3, per_leaf: bool = False) -> float:
             denom = max(np.max(np.abs(y)), floor) if per_leaf else np.maximum(np.abs(y), floor)
             worst = max(worst, float(np.max(np.abs(x - y) / denom)))
     return worst
+
+
+def enable_x64():
+    """A context in which arrays are float64: ``jax.enable_x64`` (newer jax) or its older name
+    ``jax.experimental.enable_x64`` (jax 0.6, the declared minimum)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64 as old
+
+    return old()

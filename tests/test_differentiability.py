@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import rmsprop_jax
+from _common import enable_x64
 
 K = 8
 A = np.diag([3.0, 1.0, 0.3, 2.0]) + 0.2  # SPD-ish curvature, coupled coordinates
@@ -54,7 +55,7 @@ POINT = (0.05, 0.9, 0.5)  # (lr, decay, momentum)
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_grad_wrt_lr_decay_momentum_matches_central_differences_float64(name):
     options = OPTIONS[name]
-    with jax.enable_x64(True):
+    with enable_x64():
         f = jax.jit(lambda lr, d, m: unrolled_loss(lr, d, m, **options))
         point = tuple(jnp.float64(v) for v in POINT)
         grads = jax.grad(f, argnums=(0, 1, 2))(*point)
@@ -71,7 +72,7 @@ def test_grad_wrt_lr_decay_momentum_matches_central_differences_float64(name):
 
 def test_finite_difference_check_can_fail():
     # A wrong derivative (the gradient w.r.t. decay reported for momentum) is caught.
-    with jax.enable_x64(True):
+    with enable_x64():
         f = jax.jit(lambda lr, d, m: unrolled_loss(lr, d, m))
         point = tuple(jnp.float64(v) for v in POINT)
         g_decay = float(jax.grad(f, argnums=1)(*point))
@@ -84,7 +85,7 @@ def test_finite_difference_check_can_fail():
 
 def test_grad_flows_through_a_traced_schedule_value():
     # An injected (traced) learning rate: optax.inject_hyperparams-style meta-gradients.
-    with jax.enable_x64(True):
+    with enable_x64():
 
         def f(lr):
             return unrolled_loss(lr, jnp.float64(0.9), None)
@@ -122,7 +123,7 @@ VMAP_OPTIONS = [{}, {"centered": True}, {"bias_correction": True, "nesterov": Tr
 
 @pytest.mark.parametrize("options", VMAP_OPTIONS, ids=["plain", "centered", "nesterov_bias"])
 def test_vmap_over_hyperparameters_equals_separate_runs(options):
-    with jax.enable_x64(True):
+    with enable_x64():
         lrs = jnp.asarray([1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
         decays = jnp.asarray([0.9, 0.99, 0.5, 0.7, 0.95])
         moms = jnp.asarray([0.0, 0.5, 0.9, 0.3, 0.1])

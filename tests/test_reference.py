@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from _common import gradient_oracle, make_params, max_rel_err, run_scanned
+from _common import enable_x64, gradient_oracle, make_params, max_rel_err, run_scanned
 from reference import RefConfig, run_reference
 
 STEPS = 50
@@ -103,7 +103,7 @@ def test_optax_options_match_reference_float64(
     centered, momentum, nesterov, eps_in_sqrt, bias_correction, initial_scale, sched
 ):
     ref_kw, jax_kw = _kwargs(centered, momentum, nesterov, eps_in_sqrt, bias_correction, initial_scale, sched)
-    with jax.enable_x64(True):
+    with enable_x64():
         err = _compare(ref_kw, jax_kw, jnp.float64)
     # Centered + bias correction from nu_0 = 0: at step 1 the variance is exactly 0 and
     # both sides hold rounding noise (~1e-16 g^2). With eps outside the root, sqrt of that
@@ -157,7 +157,7 @@ def test_extras_match_reference_float64(
     )
     if masked:
         jax_kw["weight_decay_mask"] = _mask
-    with jax.enable_x64(True):
+    with enable_x64():
         err = _compare(ref_kw, jax_kw, jnp.float64, mask_fn=_mask if masked else None)
     assert err < TOL64, err
 
@@ -201,7 +201,7 @@ def test_wrong_variants_fail_the_comparison(what):
     ref_kw, jax_kw = _kwargs(
         True, 0.9, True, True, True, 0.0, True, wd=0.05, decoupled_weight_decay=True, lr_in_momentum=True
     )
-    with jax.enable_x64(True):
+    with enable_x64():
         assert _compare(ref_kw, jax_kw, jnp.float64) < TOL64
         jax_kw.update(WRONG[what])
         err = _compare(ref_kw, jax_kw, jnp.float64)
@@ -215,7 +215,7 @@ def test_complex_params_use_squared_modulus():
     cfg = RefConfig(lr=0.01, centered=True, momentum=0.5, eps=1e-3)
     ref = run_reference([p], [[g] for g in grads], cfg)
     opt = rmsprop_jax.rmsprop(0.01, centered=True, momentum=0.5, eps=1e-3)
-    with jax.enable_x64(True):
+    with enable_x64():
         got = run_scanned(opt, p, grads, jnp.complex128)
         assert opt.init(jnp.asarray(p)).nu.dtype == jnp.float64  # |g|^2 is real
     assert max(max_rel_err(g, r[0]) for g, r in zip(got, ref, strict=True)) < TOL64
@@ -229,7 +229,7 @@ def test_graves_2013_equations_verbatim():
     w = rng.normal(size=7)
     n, g, d = np.zeros(7), np.zeros(7), np.zeros(7)
     opt = rmsprop_jax.rmsprop(1e-4, decay=0.95, eps=1e-4, centered=True, momentum=0.9)
-    with jax.enable_x64(True):
+    with enable_x64():
         pw, state = jnp.asarray(w), opt.init(jnp.asarray(w))
         update = jax.jit(opt.update)
         for _ in range(STEPS):

@@ -24,24 +24,29 @@ N_LAYOUTS, N_AXIS_TYPES, N_CONFIGS = 2, 2, 6
 N_EXTRA = 2 * 2  # Auto under set_mesh and Explicit without it, two configurations each
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def run_on_8_devices(script: str, marker: str) -> dict:
+    """Run ``tests/<script>`` in a fresh process on 8 fake CPU devices; the JSON after ``marker``."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env["JAX_PLATFORMS"] = "cpu"
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, str(HERE / "sharding_check.py")],
+        [sys.executable, str(HERE / script)],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
     )
-    assert proc.returncode == 0, f"sharding_check.py failed:\n{proc.stdout}\n{proc.stderr}"
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SHARDING_REPORT "))
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " "))
     return json.loads(line.split(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return run_on_8_devices("sharding_check.py", "SHARDING_REPORT")
 
 
 def _failures(report: dict, key: str) -> list[str]:

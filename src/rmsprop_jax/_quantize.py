@@ -32,7 +32,10 @@ the last axis (``axis=-1``: each row is cut into blocks of its own, the last one
 short). The two agree whenever the last dimension is a multiple of ``block_size``;
 the per-row layout never lets a block straddle rows, so a row-sharded (or
 column-sharded with shard widths that are multiples of the block) array can be
-quantized shard by shard with no communication.
+quantized shard by shard with no communication. Under explicit sharding (``jax.set_mesh``
+with an ``AxisType.Explicit`` mesh) every reshape states its output's sharding, and where
+shards would cut blocks the array is resharded first (:func:`_plan`); without sharding in
+the types the program is the one it always was.
 
 **Stochastic rounding** of float32 to bfloat16 or float16 (:func:`stochastic_round`):
 each value goes to one of its two neighbours in the target format, up (away from
@@ -131,10 +134,16 @@ def _lut_np(signed: bool) -> np.ndarray:
 # --------------------------------------------------------------------------- block layout
 
 
-def _blocks(x: Array, block_size: int, axis: int | None) -> tuple[Array, int]:
-    """``x`` as ``(..., n_blocks, block_size)``, zero-padded; returns it and the padded length."""
+def _blocks(x: Array, block_size: int, axis: int | None, plan: _Plan | None = None) -> tuple[Array, int]:
+    """``x`` as ``(..., n_blocks, block_size)``, zero-padded; returns it and the padded length.
+
+    ``plan``: under explicit sharding (:func:`_plan`), ``x`` is resharded to ``plan.work`` and
+    every reshape states its output's sharding; ``None``: the program without sharding types.
+    """
+    if plan is not None:
+        x = jax.sharding.reshard(x, plan.sharding(plan.work))
     if axis is None:
-        x = x.reshape(-1)
+        x = _reshape(x, (x.size,), plan, plan and plan.blocks[:1])
     elif axis not in (-1, x.ndim - 1):
         raise ValueError(f"axis={axis!r} is not supported; allowed: None (flattened) or -1 (last axis).")
     if x.ndim == 0:
@@ -144,7 +153,80 @@ def _blocks(x: Array, block_size: int, axis: int | None) -> tuple[Array, int]:
     pad = nb * block_size - n
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], nb, block_size), n
+    return _reshape(x, (*x.shape[:-1], nb, block_size), plan, plan and plan.blocks), n
+
+
+def _unblock(xb: Array, n: int, shape: tuple[int, ...], plan: _Plan | None) -> Array:
+    """:func:`_blocks` undone: ``(..., n_blocks, block_size)`` back to ``shape`` (and its sharding)."""
+    x = _reshape(xb, (*xb.shape[:-2], xb.shape[-2] * xb.shape[-1]), plan, plan and plan.blocks[:-1])
+    x = _reshape(x[..., :n], shape, plan, plan and plan.work)
+    return x if plan is None else jax.sharding.reshard(x, plan.sharding(plan.spec))
+
+
+def _reshape(x: Array, shape: tuple[int, ...], plan: _Plan | None, spec: Any) -> Array:
+    if plan is None:
+        return x.reshape(shape)
+    return jnp.reshape(x, shape, out_sharding=plan.sharding(spec))
+
+
+class _Plan(NamedTuple):
+    """How an explicitly sharded array is cut into blocks: PartitionSpec entries, one per dimension.
+
+    ``spec``: the array's own; ``work``: the one it is cut from (``spec`` where shards hold whole
+    blocks, so that there is no communication); ``blocks``: of the ``(..., n_blocks, block_size)``
+    view (``blocks[:-1]`` is ``absmax``'s).
+    """
+
+    mesh: Any
+    spec: tuple[Any, ...]
+    work: tuple[Any, ...]
+    blocks: tuple[Any, ...]
+
+    def sharding(self, spec: tuple[Any, ...]) -> Any:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _plan(x: Array, block_size: int, axis: int | None) -> _Plan | None:
+    """The block plan of ``x`` if its type carries explicit sharding (``jax.set_mesh`` with an
+    ``AxisType.Explicit`` mesh), else ``None`` (no sharding in the types: XLA places the blocks).
+
+    Shards that hold whole blocks are quantized where they are. Otherwise ``x`` is resharded
+    first: ``"rows"`` moves the last dimension's mesh axes to the first unsharded leading
+    dimension they divide (an all-to-all), or else gathers the rows (an all-gather along the last
+    dimension); ``"flat"`` moves every mesh axis to the first dimension, or else gathers ``x``.
+    The codes always go back to ``x``'s sharding; ``absmax`` keeps the blocks' sharding.
+    """
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):  # a JAX without sharding in types
+        return None
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    if not any(s is not None for s in spec):
+        return None
+    assert sharding is not None
+    mesh, ndim, shape = sharding.mesh, x.ndim, x.shape
+    spec = spec + (None,) * (ndim - len(spec))
+
+    def names(entry: Any) -> tuple[str, ...]:
+        return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+    def devices(entry: Any) -> int:
+        return math.prod(mesh.shape[a] for a in names(entry))
+
+    if axis is None or ndim <= 1:
+        axes = tuple(a for e in spec for a in names(e))
+        lead = axes[0] if len(axes) == 1 else axes
+        k = devices(lead)
+        if shape[0] % k == 0 and math.prod(shape) % (k * block_size) == 0:
+            return _Plan(mesh, spec, (lead,) + (None,) * (ndim - 1), (lead, None))
+        return _Plan(mesh, spec, (None,) * ndim, (None, None))
+    last, work = spec[-1], list(spec)
+    if last is not None and shape[-1] % (devices(last) * block_size):
+        work[-1] = None
+        free = [d for d in range(ndim - 1) if spec[d] is None and shape[d] % devices(last) == 0]
+        if free:
+            work[free[0]] = last
+    return _Plan(mesh, spec, tuple(work), (*work, None))
 
 
 def _check_block_size(block_size: int) -> int:
@@ -188,11 +270,17 @@ def quantize_blockwise(
     block_size = _check_block_size(block_size)
     x = jnp.asarray(x)
     shape = x.shape
-    xb, n = _blocks(x.astype(jnp.float32), block_size, axis)
-    lut = jnp.asarray(_lut_np(bool(signed)))
-    codes, absmax = quantize_blocks(xb, lambda k: lut[k])
-    codes = codes.reshape(*codes.shape[:-2], -1)[..., :n].reshape(shape)
-    return codes, absmax
+    plan = _plan(x, block_size, axis)
+    xb, n = _blocks(x.astype(jnp.float32), block_size, axis, plan)
+    codes, absmax = quantize_blocks(xb, _lookup(jnp.asarray(_lut_np(bool(signed))), plan))
+    return _unblock(codes, n, shape, plan), absmax
+
+
+def _lookup(table: Array, plan: _Plan | None) -> Any:
+    """``table[i]``; under explicit sharding, sharded like ``i`` (``table`` is replicated)."""
+    if plan is None:
+        return lambda i: table[i]
+    return lambda i: table.at[i].get(out_sharding=jax.typeof(i).sharding)
 
 
 def quantize_blocks(xb: Array, lut_lookup: Any) -> tuple[Array, Array]:
@@ -237,11 +325,13 @@ def dequantize_blockwise(
     block_size = _check_block_size(block_size)
     codes = jnp.asarray(codes)
     shape = codes.shape
-    cb, n = _blocks(codes, block_size, axis)
-    table = jnp.asarray(_dynamic_map_np(bool(signed)))
-    out = dequantize_blocks(cb, jnp.asarray(absmax, jnp.float32), lambda c: table[c])
-    out = out.reshape(*out.shape[:-2], -1)[..., :n].reshape(shape)
-    return out.astype(dtype)
+    plan = _plan(codes, block_size, axis)
+    cb, n = _blocks(codes, block_size, axis, plan)
+    absmax = jnp.asarray(absmax, jnp.float32)
+    if plan is not None:
+        absmax = jax.sharding.reshard(absmax, plan.sharding(plan.blocks[:-1]))
+    out = dequantize_blocks(cb, absmax, _lookup(jnp.asarray(_dynamic_map_np(bool(signed))), plan))
+    return _unblock(out, n, shape, plan).astype(dtype)
 
 
 # --------------------------------------------------------------------------- stochastic rounding

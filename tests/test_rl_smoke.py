@@ -116,3 +116,13 @@ def test_im2col_network_is_minatar_conv() -> None:
     np.testing.assert_allclose(ours, conv.apply(conv_params, x), rtol=1e-5, atol=1e-5)
     wrong = conv.apply({"params": {**conv_params["params"], "kernel": kernel.transpose(1, 0, 2, 3)}}, x)
     assert not np.allclose(ours, wrong, rtol=1e-5, atol=1e-5)  # the comparison can fail
+
+
+@pytest.mark.slow
+def test_interleaved_timing_reports_ratios() -> None:
+    names = ["rmsprop_torch_minatar", "adam_rainbow"]
+    t = run.time_interleaved("Breakout-MinAtar", DQNConfig(log_every=100).scaled(100), 1, 1, names)
+    assert t["ratio_to_rmsprop_torch_minatar"]["rmsprop_torch_minatar"] == 1.0
+    assert all(v > 0 and np.isfinite(v) for v in t["s_per_100k_frames_median"].values())
+    meta = {"frames": 100, "seeds": 1, "final_window_frames": 100, "machine": "test"}
+    assert "ratio to rmsprop_torch_minatar" in run.table({"runs": {}, "timing": t} | meta)

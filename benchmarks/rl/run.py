@@ -112,6 +112,36 @@ def run_one(game, name, cfg, seeds, seed=0) -> dict:
     return res
 
 
+def time_interleaved(game: str, cfg: DQNConfig, seeds: int, rounds: int, names: list[str]) -> dict:
+    """Wall time of the same learning-only run (every frame updates) per optimizer, interleaved.
+
+    Each optimizer's train is compiled once; then ``rounds`` rounds call them in turn, so the
+    machine's load drifts over all of them alike. Reported: the median over rounds in seconds per
+    100k frames (all seeds together) and its ratio to the median of ``rmsprop_torch_minatar``.
+    """
+    cfg = dataclasses.replace(cfg, replay_start=0)
+    key = jax.random.PRNGKey(0)
+    compiled = {n: jax.jit(make_train(game, OPTIMIZERS[n](), cfg, seeds)).lower(key).compile() for n in names}
+    for f in compiled.values():
+        jax.block_until_ready(f(key))  # warm
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n, f in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(key))
+            times[n].append((time.perf_counter() - t0) / cfg.frames * 1e5)
+    base = float(np.median(times.get("rmsprop_torch_minatar", next(iter(times.values())))))
+    return {
+        "game": game,
+        "frames_per_call": cfg.frames,
+        "seeds": seeds,
+        "rounds": rounds,
+        "s_per_100k_frames_median": {n: float(np.median(t)) for n, t in times.items()},
+        "s_per_100k_frames_all": times,
+        "ratio_to_rmsprop_torch_minatar": {n: float(np.median(t)) / base for n, t in times.items()},
+    }
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -156,6 +186,18 @@ def table(results: dict) -> str:
                 f"| ±{r['final_return_ci95']:.2f} | {r['s_per_100k_frames']:.0f} | {r['compile_s']:.0f} "
                 f"| {pub_paper.get(game, '-')} | {pub_ppo.get(game, '-')} |"
             )
+    if "timing" in results:
+        t = results["timing"]
+        lines += [
+            "",
+            f"Step cost, interleaved in one process ({t['game']}, {t['frames_per_call']:,} frames per call, "
+            f"every frame an update, {t['seeds']} seeds, median of {t['rounds']} rounds):",
+            "",
+            "| optimizer | s / 100k frames | ratio to rmsprop_torch_minatar |",
+            "|---|---|---|",
+        ]
+        for n, v in t["s_per_100k_frames_median"].items():
+            lines.append(f"| {n} | {v:.0f} | {t['ratio_to_rmsprop_torch_minatar'][n]:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,9 +211,24 @@ def main(argv=None) -> None:
     ap.add_argument("--log-every", type=int, default=2500)
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--timing-rounds", type=int, default=3, help="interleaved rounds of the step-cost timing")
+    ap.add_argument("--timing-frames", type=int, default=5000, help="frames per timed call (all learning)")
+    ap.add_argument(
+        "--timing-only", action="store_true", help="only the interleaved timing, merged into an existing JSON"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.frames, args.seeds, args.games, args.log_every = 3000, 2, args.games[:1], 500
+    if args.timing_only:
+        path = args.out / "minatar_dqn.json"
+        results = json.loads(path.read_text())
+        tcfg = DQNConfig(log_every=args.timing_frames).scaled(args.timing_frames)
+        t = time_interleaved(args.games[0], tcfg, args.seeds, args.timing_rounds, args.optimizers)
+        results["timing"] = t
+        path.write_text(json.dumps(results, indent=1))
+        (args.out / "minatar_dqn.md").write_text(table(results))
+        print(table(results))
+        return
     cfg = DQNConfig(log_every=args.log_every).scaled(args.frames)
     replay_start = args.replay_start if args.replay_start is not None else min(5000, args.frames // 10)
     cfg = dataclasses.replace(cfg, replay_start=replay_start)

@@ -21,6 +21,8 @@ to optax in float32). Which codec a leaf gets is its format's choice (:mod:`rmsp
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -213,6 +215,90 @@ def as_received(received: Any, new: Any) -> Any:
             return leaf
 
     return jax.tree.map(back, received, new, is_leaf=_is_stored_quantized)
+
+
+def partition_parts(tree: Any) -> Any:
+    """``tree`` with each 8-bit leaf held in a Flax NNX Variable with partitioning metadata split
+    into a ``QuantizedLeaf`` of two such Variables, each with a partitioning that fits its shape.
+
+    ``tx.init`` receives ``nnx.state(model, wrt)``, whose parameters are ``nnx.Variable`` pytree
+    nodes, so every state leaf comes back inside a copy of its parameter's Variable, metadata and
+    all; ``nnx.Optimizer`` (``to_opt_state`` in ``flax/nnx/training/optimizer.py``) turns each into
+    an ``OptVariable`` with that metadata, whose constructor shards the value by its
+    ``out_sharding`` (``flax.core.spmd.shard_value``), as ``nnx.get_partition_spec`` and
+    ``with_sharding_constraint`` do later. A parameter's spec applied to a ``QuantizedLeaf``
+    reaches ``absmax`` too, whose shape is not the parameter's: ``P('a', 'b')`` on ``(256, 2)``
+    raised. Here the outer Variable is replaced by a ``QuantizedLeaf`` of two Variables of the
+    parameter's type: ``codes`` keeps the parameter's metadata, ``absmax`` the same with the
+    ``out_sharding`` of :func:`absmax_sharding`. Values are not touched; without Flax, or
+    without partitioning metadata, ``tree`` is returned as it is.
+    """
+    variable: Any = getattr(sys.modules.get("flax.nnx"), "Variable", None)
+    if variable is None:  # Flax NNX not imported: no Variable can be in the tree
+        return tree
+
+    def split(v: Any) -> Any:
+        leaf: Any = v.get_value() if isinstance(v, variable) else None
+        sharding = v.get_metadata().get("out_sharding") if is_quantized(leaf) else None
+        if not sharding:
+            return v
+        mesh = v.get_metadata().get("mesh")
+        codes: Any = v.replace(leaf.codes)
+        absmax: Any = v.replace(
+            leaf.absmax, out_sharding=absmax_sharding(sharding, leaf.shape, leaf.block_size, leaf.axis, mesh)
+        )
+        return QuantizedLeaf(codes, absmax, leaf.block_size, leaf.signed, leaf.layout)
+
+    return jax.tree.map(split, tree, is_leaf=lambda x: isinstance(x, variable))
+
+
+def absmax_sharding(
+    sharding: Any, shape: tuple[int, ...], block_size: int, axis: int | None, mesh: Any
+) -> Any:
+    """The partitioning of ``absmax`` for a parameter of ``shape`` partitioned as ``sharding`` (a
+    tuple of mesh axis names, a ``PartitionSpec`` or a ``NamedSharding``), of the same kind.
+
+    It always divides ``absmax``'s shape. On an ``AxisType.Explicit`` mesh it is the placement the
+    quantizer gives ``absmax`` (:func:`rmsprop_jax._quantize.block_specs`: where the parameter's
+    shards cut blocks, its last mesh axes move to a free leading axis), so the state keeps its
+    type through the update. Otherwise ``absmax`` stays with its parameter's shards: ``"rows"``
+    keeps the leading axes' names and the last one's where those shards hold whole blocks;
+    ``"flat"`` takes the first axis's names where each row shard holds whole blocks (the blocks of
+    those rows). The mesh comes from ``sharding``, the Variable's ``mesh`` or the one in context
+    (``jax.set_mesh``); a name it does not hold (a logical axis name) is kept only on the leading
+    axes of ``"rows"``, which are the parameter's own.
+    """
+    named = sharding if hasattr(sharding, "spec") and hasattr(sharding, "mesh") else None
+    spec_in = named.spec if named is not None else (sharding,) if isinstance(sharding, str) else sharding
+    entries = tuple(spec_in)[: len(shape)]
+    entries += (None,) * (len(shape) - len(entries))
+    mesh = named.mesh if named is not None else mesh
+    if mesh is None:
+        mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    sizes = dict(getattr(mesh, "shape", None) or {})
+
+    def names(e: Any) -> tuple[Any, ...]:
+        return () if e is None else tuple(e) if isinstance(e, tuple) else (e,)
+
+    def devices(e: Any) -> int:
+        return math.prod(sizes[a] for a in names(e))
+
+    def whole_blocks(e: Any, n: int) -> bool:  # do the shards of n elements split by e hold whole blocks?
+        return e is not None and all(a in sizes for a in names(e)) and n % (devices(e) * block_size) == 0
+
+    known = all(a in sizes for e in entries for a in names(e))
+    spec: tuple[Any, ...]
+    if getattr(mesh, "are_all_axes_explicit", False) and known and any(names(e) for e in entries):
+        spec = _quantize.block_specs(entries, shape, sizes, block_size, axis)[1][:-1]
+    elif axis is not None and len(shape) > 1:
+        spec = (*entries[:-1], entries[-1] if whole_blocks(entries[-1], shape[-1]) else None)
+    else:
+        first = entries[0] if entries else None
+        fits = whole_blocks(first, math.prod(shape)) and shape[0] % devices(first) == 0
+        spec = (first if fits else None,)
+    if named is not None:
+        return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.sharding.PartitionSpec(*spec) if isinstance(sharding, jax.sharding.PartitionSpec) else spec
 
 
 def reject_quantized(state: Any, where: str) -> None:

@@ -204,29 +204,40 @@ def _plan(x: Array, block_size: int, axis: int | None) -> _Plan | None:
     if not any(s is not None for s in spec):
         return None
     assert sharding is not None
-    mesh, ndim, shape = sharding.mesh, x.ndim, x.shape
-    spec = spec + (None,) * (ndim - len(spec))
+    mesh = sharding.mesh
+    spec = spec + (None,) * (x.ndim - len(spec))
+    work, blocks = block_specs(spec, tuple(x.shape), dict(mesh.shape), block_size, axis)
+    return _Plan(mesh, spec, work, blocks)
+
+
+def block_specs(
+    spec: tuple[Any, ...], shape: tuple[int, ...], sizes: Any, block_size: int, axis: int | None
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """:func:`_plan`'s rule on PartitionSpec entries: ``(work, blocks)`` for an array of ``shape``
+    sharded as ``spec`` (one entry per dimension) on a mesh whose axis ``a`` has ``sizes[a]``
+    devices. ``blocks[:-1]`` is ``absmax``'s spec; it divides ``absmax``'s shape."""
+    ndim = len(shape)
 
     def names(entry: Any) -> tuple[str, ...]:
         return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
 
     def devices(entry: Any) -> int:
-        return math.prod(mesh.shape[a] for a in names(entry))
+        return math.prod(sizes[a] for a in names(entry))
 
     if axis is None or ndim <= 1:
         axes = tuple(a for e in spec for a in names(e))
         lead = axes[0] if len(axes) == 1 else axes
         k = devices(lead)
         if shape[0] % k == 0 and math.prod(shape) % (k * block_size) == 0:
-            return _Plan(mesh, spec, (lead,) + (None,) * (ndim - 1), (lead, None))
-        return _Plan(mesh, spec, (None,) * ndim, (None, None))
+            return (lead,) + (None,) * (ndim - 1), (lead, None)
+        return (None,) * ndim, (None, None)
     last, work = spec[-1], list(spec)
     if last is not None and shape[-1] % (devices(last) * block_size):
         work[-1] = None
         free = [d for d in range(ndim - 1) if spec[d] is None and shape[d] % devices(last) == 0]
         if free:
             work[free[0]] = last
-    return _Plan(mesh, spec, tuple(work), (*work, None))
+    return tuple(work), (*work, None)
 
 
 def _check_block_size(block_size: int) -> int:

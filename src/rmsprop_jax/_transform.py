@@ -27,6 +27,7 @@ from rmsprop_jax._codecs import (
     Quantized,
     as_received,
     is_quantized,
+    partition_parts,
     restore_quantized,
     stored_shape,
 )
@@ -114,11 +115,17 @@ def _init_state(
             mus.append(new(p, 0, acc_dt))
         if momentum:
             traces.append(new(p, 0, acc_dt))
+
+    def tree(leaves: list[Any]) -> Any:
+        # Flax NNX: an 8-bit leaf under a partitioned Variable gets a partitioning per part.
+        t = jax.tree.unflatten(treedef, leaves)
+        return partition_parts(t) if isinstance(fmt, Int8) else t
+
     return RmsPropState(
         count=jnp.zeros([], jnp.int32),
-        nu=jax.tree.unflatten(treedef, nus),
-        mu=jax.tree.unflatten(treedef, mus) if centered else None,
-        trace=jax.tree.unflatten(treedef, traces) if momentum else None,
+        nu=tree(nus),
+        mu=tree(mus) if centered else None,
+        trace=tree(traces) if momentum else None,
     )
 
 

@@ -184,12 +184,13 @@ def test_quick_quality_section(quick_run: Path) -> None:
 
 
 def test_benchmarks_use_the_public_api_only() -> None:
-    """No module of the suite imports a private module of rmsprop_jax (they break at refactors)."""
+    """No module of the suite reaches a private name of rmsprop_jax (they break at refactors);
+    dunder attributes such as ``__version__`` are public."""
     import re
 
     offenders = []
     for path in sorted((ROOT / "benchmarks").rglob("*.py")):
         text = path.read_text()
-        if re.search(r"rmsprop_jax\._|from rmsprop_jax import _|from rmsprop_jax\._", text):
+        if re.search(r"rmsprop_jax\._(?!_)|from rmsprop_jax import _(?!_)|from rmsprop_jax\._", text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders

@@ -277,11 +277,10 @@ def absmax_sharding(
         mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
     sizes = dict(getattr(mesh, "shape", None) or {})
 
-    def names(e: Any) -> tuple[Any, ...]:
-        return () if e is None else tuple(e) if isinstance(e, tuple) else (e,)
+    names = _quantize.mesh_axis_names
 
     def devices(e: Any) -> int:
-        return math.prod(sizes[a] for a in names(e))
+        return _quantize.shard_count(e, sizes)
 
     def whole_blocks(e: Any, n: int) -> bool:  # do the shards of n elements split by e hold whole blocks?
         return e is not None and all(a in sizes for a in names(e)) and n % (devices(e) * block_size) == 0

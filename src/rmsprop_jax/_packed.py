@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax._quantize import explicit_sharding
+
 _MAX_ROW = 512  # elements per gathered row when splitting the flat update back into leaves
 _BIG = 1 << 14  # leaves at least this big are gathered with dynamic_update_slice, not concatenate
 
@@ -199,13 +201,9 @@ def sharded_leaf(leaves: Any) -> tuple[Any, Any] | None:
     for leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
         if isinstance(leaf, jax.core.Tracer):
-            try:
-                sharding = jax.typeof(leaf).sharding
-                spec = getattr(sharding, "spec", ())
-                if sharding is not None and any(s is not None for s in spec):
-                    return leaf, sharding
-            except (AttributeError, TypeError):
-                pass
+            sharding = explicit_sharding(leaf)
+            if sharding is not None:
+                return leaf, sharding
             continue
         if sharding is None:
             continue

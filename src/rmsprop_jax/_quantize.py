@@ -186,6 +186,27 @@ class _Plan(NamedTuple):
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
 
 
+def explicit_sharding(x: Any) -> Any:
+    """``x``'s sharding if its type carries one that splits it (explicit sharding: ``jax.typeof``
+    with a spec naming a mesh axis), else ``None``."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):  # a JAX without sharding in types
+        return None
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    return sharding if any(s is not None for s in spec) else None
+
+
+def mesh_axis_names(entry: Any) -> tuple[Any, ...]:
+    """The mesh axis names of one PartitionSpec entry (``None``, a name, or a tuple of names)."""
+    return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def shard_count(entry: Any, sizes: Any) -> int:
+    """How many shards one PartitionSpec entry cuts its dimension into (``sizes``: the mesh's)."""
+    return math.prod(sizes[a] for a in mesh_axis_names(entry))
+
+
 def _plan(x: Array, block_size: int, axis: int | None) -> _Plan | None:
     """The block plan of ``x`` if its type carries explicit sharding (``jax.set_mesh`` with an
     ``AxisType.Explicit`` mesh), else ``None`` (no sharding in the types: XLA places the blocks).
@@ -196,16 +217,11 @@ def _plan(x: Array, block_size: int, axis: int | None) -> _Plan | None:
     dimension); ``"flat"`` moves every mesh axis to the first dimension, or else gathers ``x``.
     The codes always go back to ``x``'s sharding; ``absmax`` keeps the blocks' sharding.
     """
-    try:
-        sharding = jax.typeof(x).sharding
-    except (AttributeError, TypeError):  # a JAX without sharding in types
+    sharding = explicit_sharding(x)
+    if sharding is None:
         return None
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    if not any(s is not None for s in spec):
-        return None
-    assert sharding is not None
     mesh = sharding.mesh
-    spec = spec + (None,) * (x.ndim - len(spec))
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     work, blocks = block_specs(spec, tuple(x.shape), dict(mesh.shape), block_size, axis)
     return _Plan(mesh, spec, work, blocks)
 
@@ -217,12 +233,10 @@ def block_specs(
     sharded as ``spec`` (one entry per dimension) on a mesh whose axis ``a`` has ``sizes[a]``
     devices. ``blocks[:-1]`` is ``absmax``'s spec; it divides ``absmax``'s shape."""
     ndim = len(shape)
-
-    def names(entry: Any) -> tuple[str, ...]:
-        return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+    names = mesh_axis_names
 
     def devices(entry: Any) -> int:
-        return math.prod(sizes[a] for a in names(entry))
+        return shard_count(entry, sizes)
 
     if axis is None or ndim <= 1:
         axes = tuple(a for e in spec for a in names(e))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.rl import run  # noqa: E402
-from benchmarks.rl.dqn import DQNConfig, QNetwork, make_train  # noqa: E402
+from benchmarks.rl.dqn import DQNConfig, QNetwork, make_train, td_loss  # noqa: E402
 
 import rmsprop_jax  # noqa: E402
 
@@ -37,13 +37,10 @@ CFG = dataclasses.replace(
 
 
 def _fixed_batch_td(params, target_params, buffer, n: int = 512) -> float:
-    net = QNetwork(3)
     one = lambda tree: jax.tree.map(lambda x: x[0], tree)  # seed 0 of the vmapped state
-    p, tp, b = one(params), one(target_params), one(buffer)
-    q = jnp.take_along_axis(net.apply(p, b.obs[:n].astype(jnp.float32)), b.action[:n, None], 1)[:, 0]
-    q_next = net.apply(tp, b.next_obs[:n].astype(jnp.float32)).max(1)
-    target = b.reward[:n] + CFG.gamma * (1.0 - b.terminated[:n].astype(jnp.float32)) * q_next
-    return float(optax.huber_loss(q, target, delta=1.0).mean())
+    b = one(buffer)
+    batch = (b.obs[:n], b.action[:n], b.reward[:n], b.next_obs[:n], b.terminated[:n].astype(jnp.float32))
+    return float(td_loss(QNetwork(3), one(params), one(target_params), batch, CFG.gamma))
 
 
 def _smoke(optimizer: optax.GradientTransformation):

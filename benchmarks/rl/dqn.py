@@ -110,6 +110,17 @@ def epsilon(cfg: DQNConfig, t: jax.Array) -> jax.Array:
     return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
 
 
+def td_loss(net: nn.Module, params: Any, target_params: Any, batch: tuple, gamma: float) -> jax.Array:
+    """The mean Huber (= torch ``smooth_l1_loss``) TD error of ``batch`` = (obs, action, reward,
+    next_obs, terminated as float), bootstrapped from the target network."""
+    obs, action, reward, next_obs, terminated = batch
+    q = net.apply(params, obs.astype(jnp.float32))
+    q_sa = jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
+    q_next = net.apply(target_params, next_obs.astype(jnp.float32)).max(axis=1)
+    target = reward + gamma * (1.0 - terminated) * jax.lax.stop_gradient(q_next)
+    return optax.huber_loss(q_sa, target, delta=1.0).mean()
+
+
 def make_train(game: str, optimizer: optax.GradientTransformation, cfg: DQNConfig, num_seeds: int):
     """A function ``train(key) -> (final AgentState, Chunk history)``; jit it yourself.
 
@@ -139,12 +150,7 @@ def make_train(game: str, optimizer: optax.GradientTransformation, cfg: DQNConfi
         )
 
     def loss_fn(params, target_params, batch):
-        obs, action, reward, next_obs, terminated = batch
-        q = net.apply(params, obs.astype(jnp.float32))
-        q_sa = jnp.take_along_axis(q, action[:, None], axis=1)[:, 0]
-        q_next = net.apply(target_params, next_obs.astype(jnp.float32)).max(axis=1)
-        target = reward + cfg.gamma * (1.0 - terminated) * jax.lax.stop_gradient(q_next)
-        return optax.huber_loss(q_sa, target, delta=1.0).mean()  # = torch smooth_l1_loss
+        return td_loss(net, params, target_params, batch, cfg.gamma)
 
     def step_one(s: AgentState, t):
         key, k_eps, k_act, k_env, k_batch = jax.random.split(s.key, 5)

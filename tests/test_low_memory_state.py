@@ -242,5 +242,21 @@ def test_bad_format_values_raise() -> None:
     for removed in ("quantization", "stochastic_rounding", "rounding_seed"):
         with pytest.raises(TypeError, match=removed):
             rmsprop_jax.rmsprop(1e-3, **{removed: None})
-    with pytest.raises(ValueError, match="accumulator_dtype='int4'"):
-        rmsprop_jax.rmsprop(1e-3, accumulator_dtype="int4")
+    with pytest.raises(ValueError, match=r"accumulator_dtype='int2'.*'int4', 'fp8'"):
+        rmsprop_jax.rmsprop(1e-3, accumulator_dtype="int2")
+    # the 4-bit and FP8 formats validate their values the same way
+    for fmt in (rmsprop_jax.Int4, rmsprop_jax.Fp8):
+        with pytest.raises(ValueError, match="block_size=0"):
+            fmt(block_size=0)
+        with pytest.raises(ValueError, match="layout='cols'"):
+            fmt(layout="cols")
+        with pytest.raises(ValueError, match="min_size=-1"):
+            fmt(min_size=-1)
+    with pytest.raises(ValueError, match="rank1=1"):
+        rmsprop_jax.Int4(rank1=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rounding='optax'"):
+        rmsprop_jax.Fp8(rounding="optax")
+    with pytest.raises(ValueError, match="seed=-1"):
+        rmsprop_jax.Fp8(seed=-1)
+    with pytest.raises(ValueError, match=r"float8_e5m2.*accumulator_dtype='fp8'"):
+        rmsprop_jax.rmsprop(1e-3, accumulator_dtype=jnp.float8_e5m2)

@@ -29,19 +29,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rmsprop_jax import _quantize
+from rmsprop_jax import _lowbit, _quantize
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedLeaf:
-    """An 8-bit block-wise accumulator: ``codes`` (uint8, the parameter's shape) and ``absmax``
-    (float32, one per block), with the block layout it was made with as static data.
+    """A block-wise quantized accumulator: ``codes`` and ``absmax`` (the float32 scales), with the
+    scheme it was made with as static data.
 
-    A pytree node whose children are ``codes`` and ``absmax``; ``block_size``, ``signed`` and
-    ``layout`` (``"rows"``: blocks along the last axis; ``"flat"``: over the flattened leaf)
-    are its static aux data, so :func:`rmsprop_jax.decode` needs nothing else.
+    A pytree node whose children are ``codes`` and ``absmax``; ``block_size``, ``signed``,
+    ``layout``, ``kind`` and ``param_shape`` are its static aux data, so
+    :func:`rmsprop_jax.decode` needs nothing else.
+
+    ``kind``:
+
+    * ``"int8"``: ``codes`` uint8 of the parameter's shape, ``absmax`` the block's max ``|x|``
+      (bitsandbytes' scheme);
+    * ``"fp8"``: ``codes`` float8_e4m3fn of the parameter's shape, ``absmax`` the block's scale
+      ``max |x| / 448`` (torchao's scheme);
+    * ``"int4"``: ``codes`` uint8 with two codes per byte along the last axis (shape
+      ``(..., ceil(n / 2))``), ``absmax`` the block's max ``|x|``, or with ``layout="rank1"``
+      the per-axis maxima concatenated (``sum(param_shape)`` values).
+
+    ``layout``: ``"rows"`` (blocks along the last axis), ``"flat"`` (over the flattened leaf) or
+    ``"rank1"`` (4-bit second moment of rank >= 2).
     """
 
     codes: Array
@@ -49,19 +62,23 @@ class QuantizedLeaf:
     block_size: int = 256
     signed: bool = True
     layout: str = "rows"
+    kind: str = "int8"
+    param_shape: tuple[int, ...] | None = None
 
     @property
     def axis(self) -> int | None:
-        return -1 if self.layout == "rows" else None
+        return None if self.layout == "flat" else -1
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The parameter's shape."""
-        return tuple(self.codes.shape)
+        return tuple(self.codes.shape) if self.param_shape is None else tuple(self.param_shape)
 
 
 jax.tree_util.register_dataclass(
-    QuantizedLeaf, data_fields=["codes", "absmax"], meta_fields=["block_size", "signed", "layout"]
+    QuantizedLeaf,
+    data_fields=["codes", "absmax"],
+    meta_fields=["block_size", "signed", "layout", "kind", "param_shape"],
 )
 
 
@@ -79,6 +96,7 @@ class Plain:
         return value
 
     variance_floor = 0.0  # exact: the float path stays today's program
+    stochastic = False
 
 
 PLAIN = Plain()
@@ -98,6 +116,8 @@ class Stochastic:
 
     def encode(self, value: Array, bits: Array) -> Array:
         return _quantize.stochastic_round(value, self.dtype, bits)
+
+    stochastic = True
 
     @property
     def variance_floor(self) -> float:
@@ -119,6 +139,8 @@ class Nearest:
     def encode(self, value: Array, bits: Any) -> Array:
         return value.astype(self.dtype)
 
+    stochastic = False
+
     @property
     def variance_floor(self) -> float:
         return VARIANCE_FLOOR[jnp.dtype(self.dtype).name]
@@ -126,36 +148,81 @@ class Nearest:
 
 @dataclasses.dataclass(frozen=True)
 class Quantized:
-    """8-bit block-wise codes (bitsandbytes' dynamic map, code for code)."""
+    """Block-wise quantized codes: ``kind`` ``"int8"`` (bitsandbytes' dynamic map, code for code),
+    ``"fp8"`` (torchao's block-scaled float8_e4m3fn) or ``"int4"`` (torchao's / lpmm's 4-bit maps;
+    ``layout="rank1"``: lpmm's rank-1 normalized second moment), see :mod:`rmsprop_jax._lowbit`.
+
+    ``rounding`` (fp8 only): ``"nearest"`` or ``"stochastic"``. ``shape``: the parameter's shape
+    (4-bit codes are packed, so it is not theirs).
+    """
 
     block_size: int = 256
     signed: bool = True
     layout: str = "rows"
+    kind: str = "int8"
+    rounding: str = "nearest"
+    shape: tuple[int, ...] | None = None
 
     @property
     def axis(self) -> int | None:
-        return -1 if self.layout == "rows" else None
+        return None if self.layout == "flat" else -1
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether ``encode`` takes random bits."""
+        return self.kind == "fp8" and self.rounding == "stochastic"
 
     def init(self, fill: Array) -> QuantizedLeaf:
         return self.encode(fill, None)
 
     def decode(self, stored: QuantizedLeaf) -> Array:
-        return _quantize.dequantize_blockwise(
-            stored.codes, stored.absmax, block_size=self.block_size, signed=self.signed, axis=self.axis
-        )
+        codes, scale, bs, axis = stored.codes, stored.absmax, self.block_size, self.axis
+        if self.kind == "fp8":
+            return _lowbit.dequantize_fp8(codes, scale, block_size=bs, axis=axis)
+        if self.kind == "int4":
+            shape = stored.shape
+            if self.layout == "rank1":
+                return _lowbit.dequantize_rank1(codes, scale, shape)
+            return _lowbit.dequantize_int4(codes, scale, shape, block_size=bs, axis=axis, signed=self.signed)
+        return _quantize.dequantize_blockwise(codes, scale, block_size=bs, signed=self.signed, axis=axis)
 
     def encode(self, value: Array, bits: Any) -> QuantizedLeaf:
-        codes, absmax = _quantize.quantize_blockwise(
-            value, block_size=self.block_size, signed=self.signed, axis=self.axis
-        )
-        return self.leaf(codes, absmax)
+        bs, axis = self.block_size, self.axis
+        if self.kind == "fp8":
+            codes, scale = _lowbit.quantize_fp8(
+                value,
+                block_size=bs,
+                axis=axis,
+                bits=bits if self.stochastic else None,
+                positive=not self.signed,
+            )
+        elif self.kind == "int4" and self.layout == "rank1":
+            codes, scale = _lowbit.quantize_rank1(value)
+        elif self.kind == "int4":
+            codes, scale = _lowbit.quantize_int4(value, block_size=bs, axis=axis, signed=self.signed)
+        else:
+            codes, scale = _quantize.quantize_blockwise(value, block_size=bs, signed=self.signed, axis=axis)
+        return self.leaf(codes, scale)
 
     def leaf(self, codes: Array, absmax: Array) -> QuantizedLeaf:
-        return QuantizedLeaf(codes, absmax, self.block_size, self.signed, self.layout)
+        shape = self.shape if self.kind == "int4" else None
+        return QuantizedLeaf(codes, absmax, self.block_size, self.signed, self.layout, self.kind, shape)
 
     @property
     def variance_floor(self) -> float:
-        return VARIANCE_FLOOR["int8"]
+        return VARIANCE_FLOOR[self.kind]
+
+
+def leaf_codec(leaf: QuantizedLeaf, rounding: str = "nearest") -> Quantized:
+    """The codec that made ``leaf`` (its static data; ``rounding``: the format's, for fp8)."""
+    return Quantized(
+        leaf.block_size,
+        leaf.signed,
+        leaf.layout,
+        leaf.kind,
+        rounding if leaf.kind == "fp8" else "nearest",
+        leaf.shape if leaf.kind == "int4" else None,
+    )
 
 
 Codec = Plain | Stochastic | Nearest | Quantized
@@ -167,8 +234,10 @@ Codec = Plain | Stochastic | Nearest | Quantized
 # which made centered + momentum diverge on the noisy quadratic within ~100 steps.
 # bfloat16/float16: one unit in the last place relative to the value (the bound on a
 # stochastic rounding's error); int8: 2**-6, the dynamic map's spacing relative to the
-# block's largest codes (measured relative round-trip error 1.4 % in [absmax/2, absmax]).
-VARIANCE_FLOOR = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "int8": 2.0**-6}
+# block's largest codes (measured relative round-trip error 1.4 % in [absmax/2, absmax]);
+# fp8 (e4m3, 3 mantissa bits): 2**-4, half its relative spacing; int4: 2**-3, the linear map's
+# half spacing (1/32) relative to the values in the upper half of a block.
+VARIANCE_FLOOR = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "int8": 2.0**-6, "fp8": 2.0**-4, "int4": 2.0**-3}
 
 
 def is_quantized(x: Any) -> bool:
@@ -179,20 +248,31 @@ def _is_stored_quantized(x: Any) -> bool:
     return is_quantized(x) or (isinstance(x, Mapping) and set(x.keys()) == {"codes", "absmax"})
 
 
-def restore_quantized(tree: Any, codec: Quantized) -> Any:
+def restore_quantized(tree: Any, like: Any, codec_for: Any) -> Any:
     """``tree`` with each ``{"codes": ..., "absmax": ...}`` mapping turned back into a ``QuantizedLeaf``.
 
     Flax NNX's ``nnx.Optimizer`` stores the state it gets back from ``update`` through
     ``nnx.state``, which turns every pytree node below a Variable into an ``nnx.State`` mapping
     with the same keys; on the next step ``update`` receives ``State(absmax=..., codes=...)``
-    where it returned a ``QuantizedLeaf``. The static layout comes from the format (``codec``).
+    where it returned a ``QuantizedLeaf``. The static scheme comes from the format:
+    ``codec_for(shape)`` is the codec of a parameter of ``shape``, read from ``like`` (the
+    gradient tree, whose leaves have the parameters' shapes; 4-bit codes are packed).
     """
     if tree is None:
         return None
-    to_leaf = lambda x: x if is_quantized(x) else codec.leaf(x["codes"], x["absmax"])
-    return jax.tree.map(
-        lambda x: to_leaf(x) if _is_stored_quantized(x) else x, tree, is_leaf=_is_stored_quantized
-    )
+    stored = jax.tree.leaves(tree, is_leaf=_is_stored_quantized)
+    if not any(_is_stored_quantized(x) and not is_quantized(x) for x in stored):
+        return tree
+
+    def back(g: Any, x: Any) -> Any:
+        if _is_stored_quantized(x) and not is_quantized(x):
+            return codec_for(tuple(jnp.shape(g))).leaf(x["codes"], x["absmax"])
+        return x
+
+    try:
+        return jax.tree.map(back, like, tree)
+    except (ValueError, TypeError):  # not the gradients' structure: the structure check reports it
+        return tree
 
 
 def as_received(received: Any, new: Any) -> Any:
@@ -243,13 +323,55 @@ def partition_parts(tree: Any) -> Any:
         if not sharding:
             return v
         mesh = v.get_metadata().get("mesh")
-        codes: Any = v.replace(leaf.codes)
-        absmax: Any = v.replace(
-            leaf.absmax, out_sharding=absmax_sharding(sharding, leaf.shape, leaf.block_size, leaf.axis, mesh)
-        )
-        return QuantizedLeaf(codes, absmax, leaf.block_size, leaf.signed, leaf.layout)
+        codes: Any = v.replace(leaf.codes, out_sharding=_codes_sharding(sharding, leaf, mesh))
+        if leaf.layout == "rank1":  # the per-axis maxima: one small vector, replicated
+            scales = _replicated_like(sharding, 1)
+        else:
+            scales = absmax_sharding(sharding, leaf.shape, leaf.block_size, leaf.axis, mesh)
+        absmax: Any = v.replace(leaf.absmax, out_sharding=scales)
+        return dataclasses.replace(leaf, codes=codes, absmax=absmax)
 
     return jax.tree.map(split, tree, is_leaf=lambda x: isinstance(x, variable))
+
+
+def _replicated_like(sharding: Any, ndim: int) -> Any:
+    """A partitioning of ``sharding``'s kind that replicates an array of ``ndim`` dimensions."""
+    named = sharding if hasattr(sharding, "spec") and hasattr(sharding, "mesh") else None
+    return _same_kind(sharding, named, (None,) * ndim)
+
+
+def _codes_sharding(sharding: Any, leaf: QuantizedLeaf, mesh: Any) -> Any:
+    """The parameter's partitioning for ``leaf.codes``; for packed 4-bit codes, whose last dimension
+    is halved, the last axis' names are dropped where the halved dimension does not divide."""
+    if leaf.kind != "int4" or tuple(leaf.codes.shape) == leaf.shape:
+        return sharding
+    named, entries, mesh, sizes = _spec_entries(sharding, len(leaf.shape), mesh)
+    last = entries[-1]
+    known = all(a in sizes for a in _quantize.mesh_axis_names(last))
+    if last is not None and (not known or leaf.codes.shape[-1] % _quantize.shard_count(last, sizes)):
+        entries = (*entries[:-1], None)
+    return _same_kind(sharding, named, entries)
+
+
+def _spec_entries(sharding: Any, ndim: int, mesh: Any) -> tuple[Any, tuple[Any, ...], Any, dict[Any, int]]:
+    """``(named, entries, mesh, sizes)`` of a partitioning given as a tuple of mesh axis names, a
+    ``PartitionSpec`` or a ``NamedSharding``: ``entries`` one per dimension, the mesh from the
+    sharding, else ``mesh``, else the one in context (``jax.set_mesh``), and its axis sizes."""
+    named = sharding if hasattr(sharding, "spec") and hasattr(sharding, "mesh") else None
+    spec_in = named.spec if named is not None else (sharding,) if isinstance(sharding, str) else sharding
+    entries = tuple(spec_in)[:ndim]
+    entries += (None,) * (ndim - len(entries))
+    mesh = named.mesh if named is not None else mesh
+    if mesh is None:
+        mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    return named, entries, mesh, dict(getattr(mesh, "shape", None) or {})
+
+
+def _same_kind(sharding: Any, named: Any, spec: tuple[Any, ...]) -> Any:
+    """``spec`` as a partitioning of ``sharding``'s kind (NamedSharding, PartitionSpec or tuple)."""
+    if named is not None:
+        return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.sharding.PartitionSpec(*spec) if isinstance(sharding, jax.sharding.PartitionSpec) else spec
 
 
 def absmax_sharding(
@@ -268,14 +390,7 @@ def absmax_sharding(
     (``jax.set_mesh``); a name it does not hold (a logical axis name) is kept only on the leading
     axes of ``"rows"``, which are the parameter's own.
     """
-    named = sharding if hasattr(sharding, "spec") and hasattr(sharding, "mesh") else None
-    spec_in = named.spec if named is not None else (sharding,) if isinstance(sharding, str) else sharding
-    entries = tuple(spec_in)[: len(shape)]
-    entries += (None,) * (len(shape) - len(entries))
-    mesh = named.mesh if named is not None else mesh
-    if mesh is None:
-        mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
-    sizes = dict(getattr(mesh, "shape", None) or {})
+    named, entries, mesh, sizes = _spec_entries(sharding, len(shape), mesh)
 
     names = _quantize.mesh_axis_names
 
@@ -295,23 +410,24 @@ def absmax_sharding(
         first = entries[0] if entries else None
         fits = whole_blocks(first, math.prod(shape)) and shape[0] % devices(first) == 0
         spec = (first if fits else None,)
-    if named is not None:
-        return jax.sharding.NamedSharding(named.mesh, jax.sharding.PartitionSpec(*spec))
-    return jax.sharding.PartitionSpec(*spec) if isinstance(sharding, jax.sharding.PartitionSpec) else spec
+    return _same_kind(sharding, named, spec)
 
 
 def reject_quantized(state: Any, where: str) -> None:
-    """Raise a clear ValueError if any accumulator of ``state`` is 8-bit (for the interop exports)."""
-    if any(is_quantized(x) for x in jax.tree.leaves(state, is_leaf=is_quantized)):
+    """Raise a clear ValueError if any accumulator of ``state`` is quantized (for the interop exports)."""
+    kinds = sorted({x.kind for x in jax.tree.leaves(state, is_leaf=is_quantized) if is_quantized(x)})
+    if kinds:
+        label = {"int8": "8-bit", "int4": "4-bit", "fp8": "FP8"}
         raise ValueError(
-            f"{where}: the state holds 8-bit block-wise accumulators (accumulator_dtype='int8'), which "
-            "the target framework's RMSprop cannot hold. Export from a float32-state optimizer, or "
-            "decode the QuantizedLeaf nodes yourself with rmsprop_jax.decode."
+            f"{where}: the state holds {' and '.join(label[k] for k in kinds)} block-wise accumulators "
+            f"(accumulator_dtype={' / '.join(repr(k) for k in kinds)}), which the target framework's "
+            "RMSprop cannot hold. Export from a float32-state optimizer, or decode the QuantizedLeaf "
+            "nodes yourself with rmsprop_jax.decode."
         )
 
 
 def stored_shape(x: Any) -> tuple[int, ...]:
-    return tuple(x.codes.shape) if is_quantized(x) else tuple(jnp.shape(x))
+    return x.shape if is_quantized(x) else tuple(jnp.shape(x))
 
 
 def decode(leaf: Any) -> jax.Array:
@@ -332,10 +448,10 @@ def decode(leaf: Any) -> jax.Array:
       ((64, 64), dtype('float32'), 0.025)
     """
     if is_quantized(leaf):
-        return Quantized(leaf.block_size, leaf.signed, leaf.layout).decode(leaf)
+        return leaf_codec(leaf).decode(leaf)
     if isinstance(leaf, Mapping) and _is_stored_quantized(leaf):
         raise ValueError(
-            "decode: this 8-bit leaf lost its layout (it went through a mapping, e.g. nnx.state); "
+            "decode: this quantized leaf lost its layout (it went through a mapping, e.g. nnx.state); "
             "decode the state the optimizer's update returned, or rmsprop_jax.dequantize_blockwise "
             "with the format's block_size, signed and layout."
         )

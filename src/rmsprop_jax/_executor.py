@@ -139,6 +139,8 @@ def use_kernel(codecs: Codecs, g: Any, accs: Sequence[Any], wd_on: Any) -> bool:
     if mode == "xla":
         return False
     c: Quantized = present[0]  # type: ignore[assignment]  # one format: one codec
+    if any(x.kind != "int8" for x in present):  # type: ignore[union-attr]  # the kernel is 8-bit
+        return False
     if not _kernel_eligible(tuple(jnp.shape(g)), c.block_size, c.axis):
         return False
     if mode == "pallas":

@@ -5,7 +5,10 @@
 * ``None``: each parameter's own dtype (``Float()``);
 * a floating dtype: ``Float(dtype)`` (bfloat16 / float16 round stochastically by default);
 * ``"int8"``: ``Int8()``, bitsandbytes' block-wise 8-bit state;
-* a format value, :class:`Float` or :class:`Int8`, for every other choice.
+* ``"int4"``: ``Int4()``, 4-bit state (Li et al. 2023: rank-1 normalized second moment);
+* ``"fp8"`` or ``jnp.float8_e4m3fn``: ``Fp8()``, block-scaled float8_e4m3fn state (torchao's);
+* a format value, :class:`Float`, :class:`Int8`, :class:`Int4` or :class:`Fp8`, for every
+  other choice.
 
 A format is a small frozen value: it resolves, per leaf, to a codec of :mod:`rmsprop_jax._codecs`
 (which only encodes and decodes) and chooses nothing about how the step is compiled.
@@ -24,6 +27,7 @@ from rmsprop_jax._codecs import PLAIN, Codec, Nearest, Quantized, Stochastic
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROUNDINGS = ("stochastic", "nearest", "optax")
+FP8_ROUNDINGS = ("stochastic", "nearest")
 LAYOUTS = ("rows", "flat")
 
 
@@ -68,16 +72,37 @@ class Float:
         """Whether ``rms_leaf`` computes in the accumulators' own dtype (``rounding="optax"``)."""
         return self.rounding == "optax"
 
-    def codec(self, shape: tuple[int, ...], dtype: Any) -> Codec:
-        """The codec of an accumulator of ``shape`` whose float dtype is ``dtype``."""
+    def codec(self, shape: tuple[int, ...], dtype: Any, role: str = "nu") -> Codec:
+        """The codec of an accumulator of ``shape`` whose float dtype is ``dtype`` (``role``:
+        ``"nu"`` for the second moment, ``"acc"`` for the first moment and momentum)."""
         dt = jnp.dtype(dtype)
         if dt not in _LOW or self.rounding == "optax":
             return PLAIN
         return Stochastic(dt) if self.rounding == "stochastic" else Nearest(dt)
 
 
+class _Blockwise:
+    """What the quantized formats share: leaves of at least ``min_size`` real elements are stored
+    as the codes of :meth:`quantized`, the rest as float32 with float32 arithmetic."""
+
+    min_size: int
+    dtype = jnp.dtype(jnp.float32)  # of the accumulators that are not quantized
+    native_arithmetic = False
+    seed = 0
+    rounding = "nearest"
+
+    def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
+        raise NotImplementedError
+
+    def codec(self, shape: tuple[int, ...], dtype: Any, role: str = "nu") -> Codec:
+        """The codec of an accumulator of ``shape`` and float ``dtype`` (``role``: ``"nu"`` or ``"acc"``)."""
+        if math.prod(shape) >= max(self.min_size, 1) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            return self.quantized(tuple(shape), role)
+        return PLAIN
+
+
 @dataclasses.dataclass(frozen=True)
-class Int8:
+class Int8(_Blockwise):
     """8-bit block-wise state (bitsandbytes' scheme); ``accumulator_dtype="int8"`` is ``Int8()``.
 
     Each accumulator of a large real leaf is a :class:`~rmsprop_jax.QuantizedLeaf`: one uint8 code
@@ -113,34 +138,127 @@ class Int8:
     signed: bool = True
 
     def __post_init__(self) -> None:
-        _validate.integer("block_size", self.block_size, 1, None, "a positive integer (bitsandbytes: 256)")
-        _validate.integer("min_size", self.min_size, 0, None, "an integer >= 0")
-        _validate.choice("layout", self.layout, LAYOUTS)
+        _check_blocks(self, "bitsandbytes: 256")
         _validate.boolean("signed", self.signed)
-
-    dtype = jnp.dtype(jnp.float32)  # of the accumulators that are not quantized
-    native_arithmetic = False
-    seed = 0
 
     @property
     def axis(self) -> int | None:
         return -1 if self.layout == "rows" else None
 
-    def codec(self, shape: tuple[int, ...], dtype: Any) -> Codec:
-        if math.prod(shape) >= max(self.min_size, 1) and not jnp.issubdtype(dtype, jnp.complexfloating):
-            return Quantized(self.block_size, self.signed, self.layout)
-        return PLAIN
-
-    def quantized_codec(self) -> Quantized:
+    def quantized(self, shape: tuple[int, ...] = (), role: str = "nu") -> Quantized:
         return Quantized(self.block_size, self.signed, self.layout)
 
 
-Format = Float | Int8
+def _check_blocks(fmt: Any, paper: str) -> None:
+    _validate.integer("block_size", fmt.block_size, 1, None, f"a positive integer ({paper})")
+    _validate.integer("min_size", fmt.min_size, 0, None, "an integer >= 0")
+    _validate.choice("layout", fmt.layout, LAYOUTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4(_Blockwise):
+    """4-bit state (Li et al. 2023, "Memory Efficient Optimizers with 4-bit States"; the
+    ``lpmm`` reference's second-moment configuration); ``accumulator_dtype="int4"`` is ``Int4()``.
+
+    Two 4-bit codes per byte (about 0.52 bytes per element of ``nu``):
+
+    * the second moment ``nu`` on the linear map without zero, ``linspace(0, 1, 17)[1:]``, so a
+      positive value never decodes to 0 (a zero second moment makes ``g / sqrt(nu + eps)``
+      explode: the paper's "zero-point problem"); a leaf of rank >= 2 is normalized rank-1
+      (``rank1=True``): each element is divided by ``min`` over its axes of that axis' slice
+      maximum, whose vectors (``sum(shape)`` float32 values) replace per-block scales; other
+      leaves in blocks of ``block_size``;
+    * the first moment (``centered=True``) and the momentum buffer on the signed
+      dynamic-exponent 4-bit map in blocks of ``block_size``, each scaled by its max ``|x|``
+      (torchao's ``OptimState4bit``, code for code).
+
+    Attributes:
+      block_size: elements per block (lpmm and torchao: 128).
+      min_size: leaves with fewer elements keep float32 accumulators (lpmm: 4096); complex
+        leaves do too.
+      layout: the blocks' layout, as :class:`Int8`'s (``"rows"`` or ``"flat"``).
+      rank1: rank-1 normalization of the second moment of matrices (``False``: blocks).
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax
+      >>> leaf = rmsprop_jax.rmsprop(1e-3, accumulator_dtype="int4").init({"w": jnp.zeros((64, 128))}).nu["w"]
+      >>> leaf.codes.shape, leaf.absmax.shape, leaf.shape
+      ((64, 64), (192,), (64, 128))
+    """
+
+    block_size: int = 128
+    min_size: int = 4096
+    layout: str = "rows"
+    rank1: bool = True
+
+    def __post_init__(self) -> None:
+        _check_blocks(self, "lpmm and torchao: 128")
+        _validate.boolean("rank1", self.rank1)
+
+    def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
+        signed = role != "nu"
+        layout = "rank1" if not signed and self.rank1 and len(shape) >= 2 else self.layout
+        return Quantized(self.block_size, signed, layout, "int4", shape=tuple(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8(_Blockwise):
+    """Block-scaled float8_e4m3fn state (torchao's ``OptimStateFp8``); ``accumulator_dtype="fp8"``
+    (or ``jnp.float8_e4m3fn``) is ``Fp8()``.
+
+    Each block of ``block_size`` elements stores a float32 scale ``max |x| / 448`` and every
+    element as the float8_e4m3fn value of ``x / scale`` (about 1.02 bytes per element). Encoding
+    and decoding are elementwise arithmetic, which compilers fuse with the step (the 8-bit
+    format's table lookups do not fuse on CPU). A positive second moment never decodes to 0: where
+    its code would round to 0 it keeps e4m3's smallest positive code.
+
+    Attributes:
+      block_size: elements per block (torchao: 256).
+      min_size: leaves with fewer elements keep float32 accumulators (torchao: 4096).
+      layout: the blocks' layout, as :class:`Int8`'s (``"rows"`` or ``"flat"``).
+      rounding: ``"stochastic"`` (default): rounded up with probability equal to the remainder
+        (unbiased; e4m3 keeps 3 mantissa bits, so under round to nearest an accumulator stalls
+        once its per-step change falls below ~6 % of its value); ``"nearest"``: torchao's cast.
+      seed: the stochastic rounding's seed, an integer in [0, 2**32).
+
+    Example:
+      >>> import jax.numpy as jnp, rmsprop_jax
+      >>> opt = rmsprop_jax.rmsprop(1e-3, decay=0.75, accumulator_dtype="fp8")
+      >>> grads = {"w": jnp.ones((64, 256))}
+      >>> leaf = opt.update(grads, opt.init(grads))[1].nu["w"]  # nu = 0.25 * 1**2
+      >>> leaf.codes.dtype, leaf.absmax.shape, float(rmsprop_jax.decode(leaf)[0, 0])
+      (dtype(float8_e4m3fn), (64, 1), 0.25)
+    """
+
+    block_size: int = 256
+    min_size: int = 4096
+    layout: str = "rows"
+    rounding: str = "stochastic"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_blocks(self, "torchao: 256")
+        _validate.choice("rounding", self.rounding, FP8_ROUNDINGS)
+        _validate.integer("seed", self.seed, 0, 2**32, "an integer in [0, 2**32)")
+
+    def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
+        return Quantized(self.block_size, role != "nu", self.layout, "fp8", self.rounding)
+
+
+Format = Float | Int8 | Int4 | Fp8
 
 _ALLOWED = (
-    "None, a floating dtype, 'int8', rmsprop_jax.Float(dtype, rounding=..., seed=...) or "
-    "rmsprop_jax.Int8(block_size=..., min_size=..., layout=..., signed=...)"
+    "None, a floating dtype, 'int8', 'int4', 'fp8', rmsprop_jax.Float(dtype, rounding=..., seed=...), "
+    "rmsprop_jax.Int8(block_size=..., min_size=..., layout=..., signed=...), "
+    "rmsprop_jax.Int4(block_size=..., min_size=..., layout=..., rank1=...) or "
+    "rmsprop_jax.Fp8(block_size=..., min_size=..., layout=..., rounding=..., seed=...)"
 )
+_NAMED = {"int8": Int8, "int4": Int4, "fp8": Fp8}
+
+
+def is_quantized_format(fmt: Any) -> bool:
+    """Whether ``fmt`` stores large leaves as codes (:class:`Int8`, :class:`Int4`, :class:`Fp8`)."""
+    return isinstance(fmt, _Blockwise)
 
 
 def _float_dtype(name: str, dtype: Any) -> Any:
@@ -150,6 +268,11 @@ def _float_dtype(name: str, dtype: Any) -> Any:
         raise ValueError(f"{name}={dtype!r} is not a dtype; allowed: {_ALLOWED}.") from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"{name}={dtype!r} is not a floating dtype; allowed: {_ALLOWED}.")
+    if dt.itemsize < 2:  # float8 variants: arithmetic state in them is the Fp8 format's job
+        raise ValueError(
+            f"{name}={dtype!r}: 1-byte floats are stored block-scaled; use accumulator_dtype='fp8' "
+            f"(float8_e4m3fn, rmsprop_jax.Fp8). Allowed: {_ALLOWED}."
+        )
     return dt
 
 
@@ -157,13 +280,18 @@ def resolve(accumulator_dtype: Any) -> Format:
     """The format value an ``accumulator_dtype`` argument stands for (validated)."""
     if accumulator_dtype is None:
         return Float()
-    if isinstance(accumulator_dtype, (Float, Int8)):
+    if isinstance(accumulator_dtype, (Float, Int8, Int4, Fp8)):
         return accumulator_dtype
-    if isinstance(accumulator_dtype, str) and accumulator_dtype == "int8":
-        return Int8()
+    if isinstance(accumulator_dtype, str) and accumulator_dtype in _NAMED:
+        return _NAMED[accumulator_dtype]()
     try:
-        if jnp.dtype(accumulator_dtype) == jnp.dtype(jnp.int8):
-            return Int8()
+        dt = jnp.dtype(accumulator_dtype)
     except TypeError:
-        pass
+        dt = None
+    if dt == jnp.dtype(jnp.int8):
+        return Int8()
+    if dt == jnp.dtype(jnp.int4):
+        return Int4()
+    if dt == jnp.dtype(jnp.float8_e4m3fn):
+        return Fp8()
     return Float(_float_dtype("accumulator_dtype", accumulator_dtype))

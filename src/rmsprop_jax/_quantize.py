@@ -413,6 +413,8 @@ class _FloatFormat(NamedTuple):
 _FORMATS = {
     jnp.dtype(jnp.bfloat16): _FloatFormat(7, -126, 0x7F80, jnp.uint16),
     jnp.dtype(jnp.float16): _FloatFormat(10, -14, 0x7C00, jnp.uint16),
+    # float8_e4m3fn has no inf: a carry past the largest finite value (448) saturates there.
+    jnp.dtype(jnp.float8_e4m3fn): _FloatFormat(3, -6, 0x7E, jnp.uint8),
 }
 
 
@@ -431,7 +433,7 @@ def stochastic_round(x: Array, dtype: Any, bits: Array) -> Array:
     """
     dt = jnp.dtype(dtype)
     if dt not in _FORMATS:
-        raise ValueError(f"stochastic rounding targets bfloat16 or float16, got dtype={dt}.")
+        raise ValueError(f"stochastic rounding targets bfloat16, float16 or float8_e4m3fn, got dtype={dt}.")
     x = x.astype(jnp.float32)
     if dt == jnp.dtype(jnp.bfloat16):
         # bfloat16 is float32's upper half: add 16 random bits below it and truncate. The
@@ -468,6 +470,6 @@ def stochastic_round_general(x: Array, dtype: Any, bits: Array) -> Array:
     q = jnp.where(too_small, jnp.uint32(0), q)
     base = (jnp.maximum(exponent, fmt.min_exponent) - fmt.min_exponent).astype(jnp.uint32) << t
     magnitude = jnp.minimum(base + q, jnp.uint32(fmt.inf_bits))
-    out_bits = ((sign << 15) | magnitude).astype(fmt.bits_dtype)
+    out_bits = ((sign << (8 * jnp.dtype(fmt.bits_dtype).itemsize - 1)) | magnitude).astype(fmt.bits_dtype)
     out = jax.lax.bitcast_convert_type(out_bits, dt)
     return jnp.where(jnp.isfinite(x), out, x.astype(dt))

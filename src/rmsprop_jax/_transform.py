@@ -27,11 +27,12 @@ from rmsprop_jax._codecs import (
     Quantized,
     as_received,
     is_quantized,
+    leaf_codec,
     partition_parts,
     restore_quantized,
     stored_shape,
 )
-from rmsprop_jax._formats import Format, Int8, resolve
+from rmsprop_jax._formats import Format, is_quantized_format, resolve
 from rmsprop_jax._update import Flags, Scalars
 
 ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
@@ -102,24 +103,24 @@ def _init_state(
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     nus, mus, traces = [], [], []
 
-    def new(p: Any, value: Any, dtype: Any) -> Any:
-        codec = fmt.codec(tuple(p.shape), dtype)
+    def new(p: Any, value: Any, dtype: Any, role: str) -> Any:
+        codec = fmt.codec(tuple(p.shape), dtype, role)
         if codec is PLAIN:
             return _full_like_param(p, value, dtype)
         return codec.init(_full_like_param(p, value, jnp.float32))
 
     for path, p in paths_leaves:
         nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype)
-        nus.append(new(p, initial_scale, nu_dt))
+        nus.append(new(p, initial_scale, nu_dt, "nu"))
         if centered:
-            mus.append(new(p, 0, acc_dt))
+            mus.append(new(p, 0, acc_dt, "acc"))
         if momentum:
-            traces.append(new(p, 0, acc_dt))
+            traces.append(new(p, 0, acc_dt, "acc"))
 
     def tree(leaves: list[Any]) -> Any:
-        # Flax NNX: an 8-bit leaf under a partitioned Variable gets a partitioning per part.
+        # Flax NNX: a quantized leaf under a partitioned Variable gets a partitioning per part.
         t = jax.tree.unflatten(treedef, leaves)
-        return partition_parts(t) if isinstance(fmt, Int8) else t
+        return partition_parts(t) if is_quantized_format(fmt) else t
 
     return RmsPropState(
         count=jnp.zeros([], jnp.int32),
@@ -249,23 +250,24 @@ def _codec_of(fmt: Format, stored: Any) -> Codec:
     if stored is None:
         return PLAIN
     if is_quantized(stored):
-        return Quantized(stored.block_size, stored.signed, stored.layout)
-    if isinstance(fmt, Int8):
+        return leaf_codec(stored, getattr(fmt, "rounding", "nearest"))
+    if is_quantized_format(fmt):
         return PLAIN
     return fmt.codec((), jnp.result_type(stored))
 
 
 def _check_packable(params: Any, fmt: Format) -> None:
-    """``packed=True`` stores float buffers (any rounding): 8-bit leaves raise."""
+    """``packed=True`` stores float buffers (any rounding): quantized leaves raise."""
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype):
             codec = fmt.codec(tuple(p.shape), dt)
             if isinstance(codec, Quantized):
                 raise ValueError(
                     f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
-                    f"({p.shape}) as 8-bit codes: the packed layout holds float buffers (an 8-bit "
-                    "block would straddle leaves). Use packed=False for 8-bit state, or "
-                    "optax.flatten(rmsprop_jax.rmsprop(..., accumulator_dtype='int8')) for one 8-bit buffer."
+                    f"({p.shape}) as {codec.kind} codes: the packed layout holds float buffers (a "
+                    f"quantized block would straddle leaves). Use packed=False for {codec.kind} state, "
+                    f"or optax.flatten(rmsprop_jax.rmsprop(..., accumulator_dtype='{codec.kind}')) for "
+                    "one quantized buffer."
                 )
 
 
@@ -338,12 +340,12 @@ def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
         recorder = extra_args.get(_Recorder.KEY)
         # 1. restore the state: a state that went through Flax NNX's Optimizer holds mappings.
         received = state
-        if isinstance(c.fmt, Int8):
-            codec = c.fmt.quantized_codec()
+        if is_quantized_format(c.fmt):
+            codec_for = lambda role: lambda shape: c.fmt.codec(shape, jnp.float32, role)
             state = state._replace(
-                nu=restore_quantized(state.nu, codec),
-                mu=restore_quantized(state.mu, codec),
-                trace=restore_quantized(state.trace, codec),
+                nu=restore_quantized(state.nu, updates, codec_for("nu")),
+                mu=restore_quantized(state.mu, updates, codec_for("acc")),
+                trace=restore_quantized(state.trace, updates, codec_for("acc")),
             )
         # 2. check the tree.
         treedef = _check_structure(updates, state, params)
@@ -376,13 +378,13 @@ def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
                 treedef.flatten_up_to(state.trace) if flags.momentum else [None] * n,
             )
             codecs = [tuple(_codec_of(c.fmt, x) for x in leaf) for leaf in zip(*accs, strict=True)]
-        stochastic = codecs is not None and any(type(x).__name__ == "Stochastic" for cs in codecs for x in cs)
+        stochastic = codecs is not None and any(x.stochastic for cs in codecs for x in cs)
         rounding = (c.fmt.seed, state.count) if stochastic else None
         args = (flags, scalars, gs, ps if c.weight_decay is not None else None, masks, *accs)
         result = _executor.run(*args, codecs, rounding)  # type: ignore[arg-type]
         # 5. the new state, 8-bit leaves in the containers they came in.
         new_state = _new_state(c, treedef, count_inc, result)
-        if isinstance(c.fmt, Int8) and not c.packed:
+        if is_quantized_format(c.fmt) and not c.packed:
             new_state = new_state._replace(
                 nu=as_received(received.nu, new_state.nu),
                 mu=as_received(received.mu, new_state.mu),

@@ -144,7 +144,12 @@ def _unblockwise(codes: Array, scale: Array, block_size: int, axis: int | None, 
 
 
 def quantize_fp8(
-    x: Array, *, block_size: int = 256, axis: int | None = None, bits: Array | None = None, positive: bool = False
+    x: Array,
+    *,
+    block_size: int = 256,
+    axis: int | None = None,
+    bits: Array | None = None,
+    positive: bool = False,
 ) -> tuple[Array, Array]:
     """``(codes, scale)``: float8_e4m3fn codes of ``x``'s shape and a float32 scale per block.
 

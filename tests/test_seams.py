@@ -24,6 +24,10 @@ FORMATS: dict[str, dict[str, Any]] = {
     "bf16_sr": {"accumulator_dtype": jnp.bfloat16},
     "int8": {"accumulator_dtype": "int8"},
     "int8_centered_momentum": {"accumulator_dtype": "int8", "centered": True, "momentum": 0.9},
+    "int4": {"accumulator_dtype": "int4"},
+    "int4_centered_momentum": {"accumulator_dtype": "int4", "centered": True, "momentum": 0.9},
+    "fp8": {"accumulator_dtype": "fp8"},
+    "fp8_centered_momentum": {"accumulator_dtype": "fp8", "centered": True, "momentum": 0.9},
     "packed": {"packed": True},
     "packed_centered_momentum": {"packed": True, "centered": True, "momentum": 0.9},
 }
@@ -158,7 +162,16 @@ def test_packed_with_low_precision_params_under_defaults_equals_per_leaf() -> No
 
 # --------------------------------------------------------------------------- Flax NNX
 
-NNX_FORMATS = ["float32", "centered_momentum", "bf16_sr", "int8", "int8_centered_momentum", "packed"]
+NNX_FORMATS = [
+    "float32",
+    "centered_momentum",
+    "bf16_sr",
+    "int8",
+    "int8_centered_momentum",
+    "int4_centered_momentum",
+    "fp8_centered_momentum",
+    "packed",
+]
 NNX_WRAPPERS: dict[str, Any] = {
     "bare": lambda make: make(1e-2),
     "inject_hyperparams": lambda make: optax.inject_hyperparams(make)(learning_rate=1e-2),

@@ -13,6 +13,7 @@ import sharding_check  # noqa: F401  # first: sets XLA_FLAGS for 8 devices befor
 
 # isort: split
 import json
+import re
 import sys
 import traceback
 
@@ -34,6 +35,10 @@ FORMATS = {
     "int8": dict(accumulator_dtype="int8"),
     "int8_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype="int8"),
     "int8_flat": dict(accumulator_dtype=rmsprop_jax.Int8(layout="flat")),
+    "int4": dict(accumulator_dtype="int4"),
+    "int4_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype="int4"),
+    "fp8": dict(accumulator_dtype="fp8"),
+    "fp8_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype="fp8"),
 }
 # Leaves: "w" (64-column shards when columns are sharded: blocks of 256 straddle them), "v"
 # (256-column shards: one whole block each), "b" (below Int8's min_size: float32 state).
@@ -44,7 +49,8 @@ SHARDINGS = {
     "replicated": {"w": P(), "v": P(), "b": P()},
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-EAGER = ("int8", "int8_centered_momentum", "int8_flat")  # also stepped eagerly (float32 params)
+# also stepped eagerly (float32 params)
+EAGER = ("int8", "int8_centered_momentum", "int8_flat", "int4_centered_momentum", "fp8_centered_momentum")
 
 
 def _tx(fmt: str, lr: float = 1e-2):
@@ -83,14 +89,41 @@ def _state_diff(state, ref) -> dict:
     codes, code_step, n_codes, rel = 0, 0, 0, 0.0
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(ref), strict=True):
         a, b = np.asarray(a), np.asarray(b)
-        if a.dtype == np.uint8:
-            d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        if a.dtype == np.uint8 or a.dtype.itemsize == 1:  # int8/int4 codes, fp8 bit patterns
+            d = np.abs(a.view(np.uint8).astype(np.int64) - b.view(np.uint8).astype(np.int64))
             codes, code_step = codes + int(np.sum(d > 0)), max(code_step, int(d.max()))
             n_codes += d.size
         else:
             a, b = a.astype(np.float64), b.astype(np.float64)
             rel = max(rel, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30), initial=0.0)))
     return {"codes_share": codes / max(n_codes, 1), "code_step": code_step, "float_rel": rel}
+
+
+def _updates_diff(u, ref) -> dict:
+    """How two updates differ: the share of elements that differ and their largest difference in
+    units of the parameter dtype's spacing at the reference value (ulps)."""
+    n, bad, ulps = 0, 0, 0.0
+    for a, b in zip(jax.tree.leaves(jax.device_get(u)), jax.tree.leaves(ref), strict=True):
+        eps = float(jnp.finfo(np.asarray(b).dtype).eps)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        spacing = eps * np.exp2(np.floor(np.log2(np.maximum(np.abs(b), 1e-30))))
+        d = np.abs(a - b)
+        n, bad = n + d.size, bad + int(np.sum(d > 0))
+        ulps = max(ulps, float(np.max(d / np.maximum(spacing, 1e-45), initial=0.0)))
+    return {"share": bad / max(n, 1), "ulps": ulps}
+
+
+# An HLO instruction that is a collective: "%name = f32[8,128]{1,0} all-reduce(...".
+_NAMES = COLLECTIVE.pattern.removeprefix(r"\b(").removesuffix(r")\b")  # all-gather|all-reduce|...
+_COLLECTIVE_OP = re.compile(r"= (\(?[a-z0-9]+\[[0-9,]*\][^ ]*) (" + _NAMES + r")\(")
+
+
+_LAYOUT = re.compile(r"\{[^}]*\}")
+
+
+def _collective_ops(hlo: str) -> list[str]:
+    """Each collective of a compiled program with its result type (per-device shape), sorted."""
+    return sorted(f"{op} {_LAYOUT.sub('', ty)}" for ty, op in _COLLECTIVE_OP.findall(hlo))
 
 
 def _quantized(state):
@@ -104,13 +137,14 @@ def _quantized(state):
 def main() -> dict:
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
-    cases, refs, states = [], {}, {}
+    cases, refs, states, ups = [], {}, {}, {}
     for fmt in FORMATS:
         for dname, dtype in DTYPES.items():
             p, g = _values(dtype, 0), _values(dtype, 100)
             lp, lg = jax.device_put((p, g), jax.devices()[0])
             _, u, s = _two_steps(jax.jit(_tx(fmt).update), _tx(fmt), lg, lp)
             refs[fmt, dname], states[fmt, dname] = _bits((u, s)), jax.device_get(s)
+            ups[fmt, dname] = jax.device_get(u)
             if fmt == "int8" and dname == "float32":  # the contrast: another learning rate
                 _, u, s = _two_steps(jax.jit(_tx(fmt, 2e-2).update), _tx(fmt, 2e-2), lg, lp)
                 refs["wrong_lr"] = _bits((u, s))
@@ -124,6 +158,7 @@ def main() -> dict:
                         tx = _tx(fmt)
                         compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
                         case["collectives"] = sorted(set(COLLECTIVE.findall(compiled.as_text())))
+                        case["collective_ops"] = _collective_ops(compiled.as_text())
                         state, u, s = _two_steps(compiled, tx, grads, params)
                         case["init_types"], case["update_types"] = _types(state), _types(s)
                         case["quantized"] = [
@@ -142,6 +177,7 @@ def main() -> dict:
                         case["updates_equal_no_mesh"] = got[:n] == ref[:n]
                         case["state_equal_no_mesh"] = got[n:] == ref[n:]
                         case["state_diff"] = _state_diff(s, states[fmt, dname])
+                        case["updates_diff"] = _updates_diff(u, ups[fmt, dname])
                         if "wrong_lr" in refs and fmt == "int8" and dname == "float32" and shname == "rows":
                             case["equal_wrong_lr"] = got == refs["wrong_lr"]
                         if fmt in EAGER and dname == "float32":

@@ -35,9 +35,13 @@ FORMATS = {
     "int8": "int8",
     "int8_flat": rmsprop_jax.Int8(layout="flat"),
     "int8_centered_momentum": "int8",  # nu, mu and the momentum buffer: three 8-bit leaves
+    "int4": "int4",  # nu rank-1: codes and one statistics vector per axis
+    "int4_centered_momentum": "int4",  # mu and the momentum buffer in blocks of 128
+    "fp8": "fp8",
+    "fp8_centered_momentum": "fp8",
 }
-OPTIONS = {"int8_centered_momentum": dict(centered=True, momentum=0.9)}
-ONE_SHAPE = ("int8_centered_momentum",)  # its mu and momentum buffer: as nu, at one shape (time)
+OPTIONS = {f: dict(centered=True, momentum=0.9) for f in FORMATS if f.endswith("_centered_momentum")}
+ONE_SHAPE = tuple(OPTIONS)  # its mu and momentum buffer: as nu, at one shape (time)
 # 2, 4 and 16 blocks of 256 per row: the per-row absmax (256, 2) cannot take the kernel's
 # P("a", "b") ("b" has 4 devices), nor the flat absmax (rows x blocks,) of any shape (one axis).
 SHAPES = ((256, 512), (256, 1024), (256, 4096))

@@ -37,6 +37,15 @@ TRANSFORMATIONS = {
     "rmsprop_int8_flat_centered": lambda: rmsprop_jax.rmsprop(
         1.0, centered=True, accumulator_dtype=rmsprop_jax.Int8(min_size=0, layout="flat")
     ),
+    # rank 3: the 4-bit second moment is rank-1 normalized (a statistics vector per axis)
+    "rmsprop_int4": lambda: rmsprop_jax.rmsprop(1.0, accumulator_dtype=rmsprop_jax.Int4(min_size=0)),
+    "rmsprop_int4_centered_momentum": lambda: rmsprop_jax.rmsprop(
+        1.0, centered=True, momentum=0.9, accumulator_dtype=rmsprop_jax.Int4(min_size=0)
+    ),
+    "rmsprop_fp8": lambda: rmsprop_jax.rmsprop(1.0, accumulator_dtype=rmsprop_jax.Fp8(min_size=0)),
+    "rmsprop_fp8_centered_momentum": lambda: rmsprop_jax.rmsprop(
+        1.0, centered=True, momentum=0.9, accumulator_dtype=rmsprop_jax.Fp8(min_size=0)
+    ),
 }
 
 

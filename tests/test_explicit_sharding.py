@@ -1,9 +1,10 @@
 """8-bit and float state under explicit sharding ("sharding in types") on an 8-device mesh.
 
 The checks run in one fresh process (``tests/explicit_sharding_check.py``, launched like
-``tests/sharding_check.py``): 6 formats x 3 shardings (rows, columns, replicated) x 2 parameter
-dtypes, each initialised and stepped twice under ``jax.set_mesh`` with an ``AxisType.Explicit``
-mesh, against the same steps without a mesh; the 8-bit formats also step eagerly.
+``tests/sharding_check.py``): 10 formats (float32, centered+momentum+wd, bf16, three 8-bit, two
+4-bit, two FP8) x 3 shardings (rows, columns, replicated) x 2 parameter dtypes, each initialised
+and stepped twice under ``jax.set_mesh`` with an ``AxisType.Explicit`` mesh, against the same
+steps without a mesh; five quantized formats also step eagerly.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ import pytest
 
 from test_sharding import run_on_8_devices
 
-N_FORMATS, N_SHARDINGS, N_DTYPES = 6, 3, 2
-# XLA:CPU compiles the momentum multiply-add of this case differently on the per-shard shapes
-# (both leaves, the unresharded one too): the float32 momentum buffer is one rounding apart in a
-# few elements, so a few absmax differ by an ulp and one code in ~500k by one. The updates stay
-# bit-identical; the state is compared within that rounding.
-CODEGEN_ROUNDING = {("int8_centered_momentum", "columns", "bfloat16")}
+N_FORMATS, N_SHARDINGS, N_DTYPES = 10, 3, 2
+# XLA:CPU compiles the float32 arithmetic of these cases differently on the per-shard shapes of
+# bfloat16 parameters (both leaves, the unresharded one too): a few float32 scales (absmax, FP8
+# block scales) are one rounding apart (relative 1.3e-7 to 2e-7 measured), so in the 8-bit case
+# one code in ~500k differs by one. The updates stay bit-identical; the state is compared within
+# that rounding.
+CODEGEN_ROUNDING = {
+    ("int8_centered_momentum", "columns", "bfloat16"),
+    ("int4_centered_momentum", "columns", "bfloat16"),
+    ("fp8", "columns", "bfloat16"),
+    ("fp8_centered_momentum", "columns", "bfloat16"),
+}
+QUANTIZED = ("int8", "int4", "fp8")
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +47,19 @@ def test_state_types_after_the_update_equal_those_after_init(report):
     bad = [_where(c) for c in report["cases"] if c["init_types"] != c["update_types"]]
     assert not bad
     eager = [c for c in report["cases"] if "eager_types_equal" in c]
-    assert len(eager) == 3 * N_SHARDINGS and all(c["eager_types_equal"] for c in eager)
+    assert len(eager) == 5 * N_SHARDINGS and all(c["eager_types_equal"] for c in eager)
 
 
 def test_codes_are_sharded_like_their_parameter_and_absmax_alike(report):
-    cases = [c for c in report["cases"] if c["format"].startswith("int8")]
-    assert all(len(c["quantized"]) >= 2 for c in cases)
+    cases = [c for c in report["cases"] if c["format"].startswith(QUANTIZED)]
+    assert len(cases) == 7 * N_SHARDINGS * N_DTYPES and all(len(c["quantized"]) >= 2 for c in cases)
     for c in cases:
         for q in c["quantized"]:
             assert q["codes_like_param"], (_where(c), q)
-            if c["sharding"] == "replicated":
+            if c["format"].startswith("int4") and q["leaf"].startswith("nu"):
+                # rank-1 statistics: one small vector per axis, replicated (test below)
+                assert q["absmax"] == "P(None,)", (_where(c), q)
+            elif c["sharding"] == "replicated":
                 assert "'x'" not in q["absmax"], (_where(c), q)
             else:  # absmax is split over the parameter's mesh axis (moved to rows where needed)
                 assert "'x'" in q["absmax"], (_where(c), q)
@@ -76,10 +87,27 @@ def test_the_comparison_can_fail(report):
 
 def test_only_shards_that_cut_blocks_communicate(report):
     # Rows and replicated: every shard holds whole blocks, no collective. Columns: the
-    # (1024, 512) leaf's 64-column shards cut its blocks, so its 8-bit state is quantized
-    # after an all-to-all to rows (and its codes go back by another).
+    # (1024, 512) leaf's 64-column shards cut its blocks, so its block-quantized state (8-bit,
+    # FP8, 4-bit first moment and momentum) is quantized after an all-to-all to rows (and its
+    # codes go back by another).
     for c in report["cases"]:
-        if c["sharding"] != "columns" or not c["format"].startswith("int8"):
-            assert not c["collectives"], (_where(c), c["collectives"])
-        else:
-            assert c["collectives"] == ["all-to-all"], (_where(c), c["collectives"])
+        blocks_cut = c["sharding"] == "columns" and c["format"].startswith(QUANTIZED)
+        blocks_cut = blocks_cut and c["format"] != "int4"  # int4 nu is rank-1, not blocks
+        rank1 = c["format"].startswith("int4") and c["sharding"] != "replicated"
+        expected = {"all-to-all"} if blocks_cut else set()
+        expected |= {"all-gather", "all-reduce"} if rank1 else set()
+        assert set(c["collectives"]) == expected, (_where(c), c["collectives"])
+
+
+def test_rank1_statistics_cost_one_vector_per_axis(report):
+    # A sharded matrix's 4-bit second moment needs each axis' maximum across shards: the local
+    # maxima of the sharded axis are gathered (its vector, 1024 or 512 float32) and those of the
+    # other axis reduced with max (one vector): bytes per update ~ 4 * (rows + cols) per matrix,
+    # against 0.5 * rows * cols of codes. The statistics are exact maxima, so the state equals
+    # the single-device state bit for bit (test_state_equals_the_step_without_a_mesh).
+    for c in report["cases"]:
+        if c["format"] == "int4" and c["sharding"] != "replicated":
+            ops = c["collective_ops"]
+            sizes = sorted(int(op.split("[")[1].rstrip("]")) for op in ops)
+            assert all(op.split()[1].startswith("f32[") for op in ops), (_where(c), ops)
+            assert sizes and max(sizes) <= 2048, (_where(c), ops)  # vectors, never a matrix

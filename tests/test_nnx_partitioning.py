@@ -3,8 +3,9 @@
 ``nnx.Optimizer`` gives every state leaf under a parameter that parameter's ``out_sharding``
 and shards it at construction; an 8-bit leaf's ``absmax`` (one per block) could not take the
 kernel's ``P("a", "b")`` where its dimensions do not divide. The checks run in one fresh process
-(``tests/nnx_partitioning_check.py``, launched like ``tests/sharding_check.py``): 5 formats x 3
-kernel shapes x {Auto, Explicit} meshes (the centered momentum format at one shape), each
+(``tests/nnx_partitioning_check.py``, launched like ``tests/sharding_check.py``): 9 formats x 3
+kernel shapes x {Auto, Explicit} meshes (the 8-bit, 4-bit and FP8 formats plain at three shapes,
+centered with momentum at one shape), each
 following the Flax NNX sharding guide, with a kernel partitioned ``("a", "b")`` and a weight
 ``(None, "b")``.
 """
@@ -17,10 +18,20 @@ pytest.importorskip("flax.nnx")
 
 from test_sharding import run_on_8_devices
 
-FORMATS = ("float32", "bf16", "int8", "int8_flat", "int8_centered_momentum")
+FORMATS = (
+    "float32",
+    "bf16",
+    "int8",
+    "int8_flat",
+    "int8_centered_momentum",
+    "int4",
+    "int4_centered_momentum",
+    "fp8",
+    "fp8_centered_momentum",
+)
 SHAPES = ([256, 512], [256, 1024], [256, 4096])
 AXIS_TYPES = ("auto", "explicit")
-ONE_SHAPE = ("int8_centered_momentum",)  # run at the first shape only
+ONE_SHAPE = tuple(f for f in FORMATS if f.endswith("_centered_momentum"))  # at the first shape only
 MATRIX = [
     (f, s, t) for f in FORMATS for s in SHAPES for t in AXIS_TYPES if f not in ONE_SHAPE or s == SHAPES[0]
 ]

@@ -20,6 +20,10 @@ CASES = [
     "rmsprop_float32_state",
     "rmsprop_int8",
     "rmsprop_int8_flat_centered",
+    "rmsprop_int4",
+    "rmsprop_int4_centered_momentum",
+    "rmsprop_fp8",
+    "rmsprop_fp8_centered_momentum",
 ]
 
 

@@ -182,8 +182,14 @@ def quantize_int4(
     table = _map4_np(bool(signed))
 
     def encode(xb: Array, _: Any) -> tuple[Array, Array]:
-        scale = jnp.maximum(_block_max(xb), jnp.float32(_TINY))
-        return quantize4(xb / scale[..., None], table), scale
+        if signed:  # torchao's scale, clipped, so that an all-zero block gets the code of 0
+            scale = jnp.maximum(_block_max(xb), jnp.float32(_TINY))
+            return quantize4(xb / scale[..., None], table), scale
+        # the zero-free map has no code for 0: an all-zero block keeps scale 0 and decodes to 0
+        # exactly (as the rank-1 path does), so a fresh state is zero, not 1e-12 / 16
+        scale = _block_max(xb)
+        safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+        return quantize4(jnp.where(scale[..., None] > 0, xb / safe, 0.0), table), scale
 
     codes, scale = _blockwise(x, block_size, axis, encode)
     return pack(codes), scale

@@ -153,3 +153,16 @@ def test_the_filtered_none_leaves_are_required() -> None:
     model = _mlp()
     with pytest.raises((TypeError, AttributeError, ValueError)):
         rmsprop_jax.rmsprop(1e-3).init(model)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_mlp_with_quantized_state(data: ex.Digits, fmt: str) -> None:
+    """Each quantized format in Equinox's loop: the 64 x 64 hidden kernel (4096 elements, at
+    min_size) is stored quantized, the None leaves stay None, and the MLP trains as with float32."""
+    model, opt_state, losses = _fit(_mlp(), rmsprop_jax.rmsprop(_schedule(data), accumulator_dtype=fmt), data)
+    acc = _accuracy(model, data)
+    print(f"Equinox MLP, {fmt} state: test accuracy {acc:.4f}")
+    assert acc >= MIN_TEST_ACCURACY, acc
+    hidden = opt_state.nu.layers[1].weight
+    assert isinstance(hidden, rmsprop_jax.QuantizedLeaf) and hidden.kind == fmt
+    assert opt_state.nu.activation is None and losses[-1] < 0.1 * losses[0]

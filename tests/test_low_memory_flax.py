@@ -36,14 +36,17 @@ def loss(model: Any, x: jax.Array, y: jax.Array) -> jax.Array:
 
 FORMATS = {
     "int8_centered_momentum": {"accumulator_dtype": "int8", "centered": True, "momentum": 0.9},
+    "int4_centered_momentum": {"accumulator_dtype": "int4", "centered": True, "momentum": 0.9},
+    "fp8_centered_momentum": {"accumulator_dtype": "fp8", "centered": True, "momentum": 0.9},
     "bf16_sr": {"accumulator_dtype": rmsprop_jax.Float(jnp.bfloat16, rounding="stochastic")},
 }
 
 
+CASES = [(f, jit) for f in FORMATS if f != "bf16_sr" for jit in (False, True)] + [("bf16_sr", True)]
+
+
 @pytest.mark.parametrize(
-    ("fmt", "jit"),
-    [("int8_centered_momentum", False), ("int8_centered_momentum", True), ("bf16_sr", True)],
-    ids=["int8_centered_momentum-eager", "int8_centered_momentum-nnx_jit", "bf16_sr-nnx_jit"],
+    ("fmt", "jit"), CASES, ids=[f"{f}-{'nnx_jit' if jit else 'eager'}" for f, jit in CASES]
 )
 def test_nnx_optimizer_matches_functional_steps(fmt: str, jit: bool) -> None:
     tx = rmsprop_jax.rmsprop(1e-2, **FORMATS[fmt])
@@ -80,7 +83,8 @@ def test_nnx_optimizer_matches_functional_steps(fmt: str, jit: bool) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert jnp.array_equal(a, b), float(jnp.max(jnp.abs(a - b)))
-    if fmt.startswith("int8"):  # the big kernel's state really is 8-bit
+    if fmt != "bf16_sr":  # the big kernel's state really is quantized
         nu = optimizer.opt_state.nu
         codes = jax.tree.leaves(nnx.as_pure(nu["big"]["kernel"]))
-        assert any(c.dtype == jnp.uint8 for c in codes)
+        want = jnp.float8_e4m3fn if fmt.startswith("fp8") else jnp.uint8
+        assert any(c.dtype == want for c in codes)

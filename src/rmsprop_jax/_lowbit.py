@@ -61,8 +61,16 @@ def int4_map(signed: bool) -> np.ndarray:
     return _map4_np(bool(signed)).copy()
 
 
+def _is_linear(table: np.ndarray) -> bool:
+    """Whether ``table`` is the zero-free linear map ``(i + 1) / 16`` (exactly, in float32)."""
+    return bool(np.array_equal(table, (np.arange(16, dtype=np.float32) + 1) / 16))
+
+
 def _select(table: np.ndarray, idx: Array) -> Array:
-    """``table[idx]`` for an int32 ``idx`` in [0, 16), as a chain of selects (fusible, no gather)."""
+    """``table[idx]`` for an int32 ``idx`` in [0, 16): arithmetic for the linear map (exact: the
+    values are multiples of 1/16), else a chain of selects (fusible, no gather)."""
+    if _is_linear(table):
+        return (idx + 1).astype(jnp.float32) * jnp.float32(1 / 16)
     out = jnp.full(idx.shape, table[0], jnp.float32)
     for i in range(1, len(table)):
         out = jnp.where(idx >= i, jnp.float32(table[i]), out)
@@ -75,12 +83,28 @@ def quantize4(v: Array, table: np.ndarray) -> Array:
     Its binary search finds the largest ``c`` with ``v >= table[c]`` (0 if none); here that is the
     count of ``table[1:]`` at or below ``v``. Then ``c + 1`` where ``v - table[c]`` reaches half
     the gap to the next value.
+
+    For the linear map the same codes come from arithmetic: ``t = 16 v`` is exact (a power of
+    two), so is ``frac = t - floor(t)``, and the rule above is ``floor(t) - 1 + (frac >= 1/2)``
+    clipped to [0, 15] (``v - table[c]`` is exact there, by Sterbenz's lemma); NaN gets 0.
     """
+    if _is_linear(table):
+        t = v * jnp.float32(16)
+        k = jnp.floor(t)
+        idx = k.astype(jnp.int32) - 1 + (t - k >= jnp.float32(0.5)).astype(jnp.int32)
+        return jnp.where(jnp.isnan(v), 0, jnp.clip(idx, 0, 15))
+    # One comparison per map value; table[c] and table[c + 1] are selected by the same masks
+    # (the table is sorted, so the last true mask is c).
+    last = len(table) - 1
     c = jnp.zeros(v.shape, jnp.int32)
+    down_v = jnp.full(v.shape, table[0], jnp.float32)
+    up_v = jnp.full(v.shape, table[1], jnp.float32)
     for i in range(1, len(table)):
-        c = c + (v >= jnp.float32(table[i])).astype(jnp.int32)
-    up = jnp.minimum(c + 1, len(table) - 1)
-    down_v, up_v = _select(table, c), _select(table, up)
+        m = v >= jnp.float32(table[i])
+        c = c + m.astype(jnp.int32)
+        down_v = jnp.where(m, jnp.float32(table[i]), down_v)
+        up_v = jnp.where(m, jnp.float32(table[min(i + 1, last)]), up_v)
+    up = jnp.minimum(c + 1, last)
     return jnp.where(v - down_v >= (up_v - down_v) * jnp.float32(0.5), up, c)
 
 

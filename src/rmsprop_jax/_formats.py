@@ -22,13 +22,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rmsprop_jax import _validate
+from rmsprop_jax import _quantize, _validate
 from rmsprop_jax._codecs import PLAIN, Codec, Nearest, Quantized, Stochastic
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROUNDINGS = ("stochastic", "nearest", "optax")
 FP8_ROUNDINGS = ("stochastic", "nearest")
-LAYOUTS = ("rows", "flat")
+LAYOUTS = ("rows", "flat", "tiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +142,16 @@ class Int8(_Blockwise):
         _validate.boolean("signed", self.signed)
 
     @property
-    def axis(self) -> int | None:
-        return -1 if self.layout == "rows" else None
+    def axis(self) -> _quantize.Axis:
+        return _quantize.layout_axis(self.layout)
 
     def quantized(self, shape: tuple[int, ...] = (), role: str = "nu") -> Quantized:
-        return Quantized(self.block_size, self.signed, self.layout)
+        return Quantized(self.block_size, self.signed, leaf_layout(self.layout, shape))
+
+
+def leaf_layout(layout: str, shape: tuple[int, ...]) -> str:
+    """The layout a leaf of ``shape`` gets: ``"tiles"`` needs two axes (a vector's tiles are its rows)."""
+    return "rows" if layout == "tiles" and len(shape) < 2 else layout
 
 
 def _check_blocks(fmt: Any, paper: str) -> None:
@@ -197,7 +202,7 @@ class Int4(_Blockwise):
 
     def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
         signed = role != "nu"
-        layout = "rank1" if not signed and self.rank1 and len(shape) >= 2 else self.layout
+        layout = "rank1" if not signed and self.rank1 and len(shape) >= 2 else leaf_layout(self.layout, shape)
         return Quantized(self.block_size, signed, layout, "int4", shape=tuple(shape))
 
 
@@ -242,7 +247,7 @@ class Fp8(_Blockwise):
         _validate.integer("seed", self.seed, 0, 2**32, "an integer in [0, 2**32)")
 
     def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
-        return Quantized(self.block_size, role != "nu", self.layout, "fp8", self.rounding)
+        return Quantized(self.block_size, role != "nu", leaf_layout(self.layout, shape), "fp8", self.rounding)
 
 
 Format = Float | Int8 | Int4 | Fp8

@@ -119,7 +119,12 @@ class Int8(_Blockwise):
         leading axis (or along the last one in multiples of ``block_size``) and the update needs
         no communication; equal to bitsandbytes whenever the last dimension is a multiple of
         ``block_size``. ``"flat"``: blocks over the flattened leaf, bitsandbytes' layout exactly
-        (:func:`rmsprop_jax.presets.bitsandbytes` uses it).
+        (:func:`rmsprop_jax.presets.bitsandbytes` uses it). ``"tiles"``: a leaf of rank >= 2 in 2-D
+        tiles of ``th x tw`` over its last two axes (``th`` the largest divisor of ``block_size`` not
+        above its square root: 16 x 16 for 256), ``absmax`` of shape ``(..., ceil(R / th),
+        ceil(C / tw))`` sharded like the parameter; tiles stay inside row, column and 2-D shards
+        whose sizes are multiples of the tile, so tensor-parallel and 2-D meshes step with no
+        collective; where shards cut tiles ``init`` warns, naming the leaf. Vectors use ``"rows"``.
       signed: the signed dynamic map (bitsandbytes uses it for every state, the non-negative
         second moment included); ``False``: the unsigned map (twice the resolution for ``nu``,
         not what bitsandbytes stores).

@@ -380,7 +380,7 @@ def absmax_shape(shape: tuple[int, ...], block_size: int = 256, axis: Axis = Non
 
 @functools.partial(jax.jit, static_argnames=("block_size", "signed", "axis"))
 def quantize_blockwise(
-    x: Array, *, block_size: int = 256, signed: bool = True, axis: Axis = None
+    x: Array, *, block_size: int = 256, signed: bool = True, axis: Any = None
 ) -> tuple[Array, Array]:
     """Block-wise 8-bit dynamic quantization, code for code as bitsandbytes' CPU kernel.
 
@@ -397,7 +397,7 @@ def quantize_blockwise(
       ``(codes, absmax)``: ``codes`` uint8 with ``x``'s shape; ``absmax`` float32 of
       shape ``(ceil(x.size / block_size),)``, or ``(*x.shape[:-1], ceil(x.shape[-1] /
       block_size))`` with ``axis=-1``, or ``(*x.shape[:-2], ceil(R / th), ceil(C / tw))`` with
-      tiles of ``th x tw`` (:func:`tile_shape`).
+      tiles of ``th x tw`` (16 x 16 for blocks of 256).
 
     The rule, per block with ``a = max |x|``: ``a == 0`` gives codes 0; otherwise
     ``k = floor((clamp(x * (1/a), -1, 1) + 1) * 0.5 * 65535 + 0.5)`` and the code is
@@ -454,7 +454,7 @@ def dequantize_blockwise(
     *,
     block_size: int = 256,
     signed: bool = True,
-    axis: Axis = None,
+    axis: Any = None,
     dtype: Any = jnp.float32,
 ) -> Array:
     """``code[codes] * absmax`` per block in float32: bitsandbytes' ``dequantize_blockwise``, bit for bit."""

@@ -53,8 +53,9 @@ class QuantizedLeaf:
       ``(..., ceil(n / 2))``), ``absmax`` the block's max ``|x|``, or with ``layout="rank1"``
       the per-axis maxima concatenated (``sum(param_shape)`` values).
 
-    ``layout``: ``"rows"`` (blocks along the last axis), ``"flat"`` (over the flattened leaf) or
-    ``"rank1"`` (4-bit second moment of rank >= 2).
+    ``layout``: ``"rows"`` (blocks along the last axis), ``"flat"`` (over the flattened leaf),
+    ``"tiles"`` (2-D tiles over the last two axes, ``absmax`` of shape ``(..., ceil(R / th),
+    ceil(C / tw))``) or ``"rank1"`` (4-bit second moment of rank >= 2).
     """
 
     codes: Array
@@ -66,8 +67,8 @@ class QuantizedLeaf:
     param_shape: tuple[int, ...] | None = None
 
     @property
-    def axis(self) -> int | None:
-        return None if self.layout == "flat" else -1
+    def axis(self) -> _quantize.Axis:
+        return _quantize.layout_axis(self.layout)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -164,8 +165,8 @@ class Quantized:
     shape: tuple[int, ...] | None = None
 
     @property
-    def axis(self) -> int | None:
-        return None if self.layout == "flat" else -1
+    def axis(self) -> _quantize.Axis:
+        return _quantize.layout_axis(self.layout)
 
     @property
     def stochastic(self) -> bool:
@@ -375,7 +376,7 @@ def _same_kind(sharding: Any, named: Any, spec: tuple[Any, ...]) -> Any:
 
 
 def absmax_sharding(
-    sharding: Any, shape: tuple[int, ...], block_size: int, axis: int | None, mesh: Any
+    sharding: Any, shape: tuple[int, ...], block_size: int, axis: _quantize.Axis, mesh: Any
 ) -> Any:
     """The partitioning of ``absmax`` for a parameter of ``shape`` partitioned as ``sharding`` (a
     tuple of mesh axis names, a ``PartitionSpec`` or a ``NamedSharding``), of the same kind.
@@ -386,7 +387,8 @@ def absmax_sharding(
     type through the update. Otherwise ``absmax`` stays with its parameter's shards: ``"rows"``
     keeps the leading axes' names and the last one's where those shards hold whole blocks;
     ``"flat"`` takes the first axis's names where each row shard holds whole blocks (the blocks of
-    those rows). The mesh comes from ``sharding``, the Variable's ``mesh`` or the one in context
+    those rows); ``"tiles"`` keeps the parameter's spec, less the last two axes' names whose shards
+    do not hold whole tiles. The mesh comes from ``sharding``, the Variable's ``mesh`` or the one in context
     (``jax.set_mesh``); a name it does not hold (a logical axis name) is kept only on the leading
     axes of ``"rows"``, which are the parameter's own.
     """
@@ -404,6 +406,9 @@ def absmax_sharding(
     spec: tuple[Any, ...]
     if getattr(mesh, "are_all_axes_explicit", False) and known and any(names(e) for e in entries):
         spec = _quantize.block_specs(entries, shape, sizes, block_size, axis)[1][:-1]
+    elif axis == _quantize.TILES and len(shape) > 1:  # tiles: the parameter's spec where shards hold them
+        fit = _quantize.tile_fit(entries[-2:], shape[-2:], sizes, block_size) if known else (None, None)
+        spec = (*entries[:-2], *fit)
     elif axis is not None and len(shape) > 1:
         spec = (*entries[:-1], entries[-1] if whole_blocks(entries[-1], shape[-1]) else None)
     else:

@@ -154,9 +154,9 @@ def use_kernel(codecs: Codecs, g: Any, accs: Sequence[Any], wd_on: Any) -> bool:
     return jax.device_count() == 1 or not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
-def _kernel_eligible(shape: tuple[int, ...], block_size: int, axis: int | None) -> bool:
+def _kernel_eligible(shape: tuple[int, ...], block_size: int, axis: _quantize.Axis) -> bool:
     """Whether a leaf of ``shape`` cuts into whole blocks of ``block_size`` (a power of two >= 16)."""
-    if block_size < 16 or block_size & (block_size - 1):
+    if block_size < 16 or block_size & (block_size - 1) or isinstance(axis, tuple):  # tiles: XLA path
         return False
     size = math.prod(shape)
     if size == 0:

@@ -22,13 +22,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rmsprop_jax import _validate
+from rmsprop_jax import _quantize, _validate
 from rmsprop_jax._codecs import PLAIN, Codec, Nearest, Quantized, Stochastic
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROUNDINGS = ("stochastic", "nearest", "optax")
 FP8_ROUNDINGS = ("stochastic", "nearest")
-LAYOUTS = ("rows", "flat")
+LAYOUTS = ("rows", "flat", "tiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,12 @@ class Int8(_Blockwise):
         leading axis (or along the last one in multiples of ``block_size``) and the update needs
         no communication; equal to bitsandbytes whenever the last dimension is a multiple of
         ``block_size``. ``"flat"``: blocks over the flattened leaf, bitsandbytes' layout exactly
-        (:func:`rmsprop_jax.presets.bitsandbytes` uses it).
+        (:func:`rmsprop_jax.presets.bitsandbytes` uses it). ``"tiles"``: a leaf of rank >= 2 in 2-D
+        tiles of ``th x tw`` over its last two axes (``th`` the largest divisor of ``block_size`` not
+        above its square root: 16 x 16 for 256), ``absmax`` of shape ``(..., ceil(R / th),
+        ceil(C / tw))`` sharded like the parameter; tiles stay inside row, column and 2-D shards
+        whose sizes are multiples of the tile, so tensor-parallel and 2-D meshes step with no
+        collective; where shards cut tiles ``init`` warns, naming the leaf. Vectors use ``"rows"``.
       signed: the signed dynamic map (bitsandbytes uses it for every state, the non-negative
         second moment included); ``False``: the unsigned map (twice the resolution for ``nu``,
         not what bitsandbytes stores).
@@ -142,11 +147,16 @@ class Int8(_Blockwise):
         _validate.boolean("signed", self.signed)
 
     @property
-    def axis(self) -> int | None:
-        return -1 if self.layout == "rows" else None
+    def axis(self) -> _quantize.Axis:
+        return _quantize.layout_axis(self.layout)
 
     def quantized(self, shape: tuple[int, ...] = (), role: str = "nu") -> Quantized:
-        return Quantized(self.block_size, self.signed, self.layout)
+        return Quantized(self.block_size, self.signed, leaf_layout(self.layout, shape))
+
+
+def leaf_layout(layout: str, shape: tuple[int, ...]) -> str:
+    """The layout a leaf of ``shape`` gets: ``"tiles"`` needs two axes (a vector's tiles are its rows)."""
+    return "rows" if layout == "tiles" and len(shape) < 2 else layout
 
 
 def _check_blocks(fmt: Any, paper: str) -> None:
@@ -197,7 +207,7 @@ class Int4(_Blockwise):
 
     def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
         signed = role != "nu"
-        layout = "rank1" if not signed and self.rank1 and len(shape) >= 2 else self.layout
+        layout = "rank1" if not signed and self.rank1 and len(shape) >= 2 else leaf_layout(self.layout, shape)
         return Quantized(self.block_size, signed, layout, "int4", shape=tuple(shape))
 
 
@@ -242,7 +252,7 @@ class Fp8(_Blockwise):
         _validate.integer("seed", self.seed, 0, 2**32, "an integer in [0, 2**32)")
 
     def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
-        return Quantized(self.block_size, role != "nu", self.layout, "fp8", self.rounding)
+        return Quantized(self.block_size, role != "nu", leaf_layout(self.layout, shape), "fp8", self.rounding)
 
 
 Format = Float | Int8 | Int4 | Fp8

@@ -149,7 +149,9 @@ def unpack(packed: Array, shape: tuple[int, ...]) -> Array:
 # --------------------------------------------------------------------------- block-wise, both formats
 
 
-def _blockwise(x: Array, block_size: int, axis: int | None, encode: Any, bits: Array | None = None) -> Any:
+def _blockwise(
+    x: Array, block_size: int, axis: _quantize.Axis, encode: Any, bits: Array | None = None
+) -> Any:
     """``encode(blocks, bit_blocks)`` on ``x``'s blocks -> (codes of ``x``'s shape, per-block scale)."""
     plan = _quantize._plan(x, block_size, axis)
     xb, n = _quantize._blocks(x.astype(jnp.float32), block_size, axis, plan)
@@ -158,7 +160,7 @@ def _blockwise(x: Array, block_size: int, axis: int | None, encode: Any, bits: A
     return _quantize._unblock(codes, n, tuple(x.shape), plan), scale
 
 
-def _unblockwise(codes: Array, scale: Array, block_size: int, axis: int | None, decode: Any) -> Array:
+def _unblockwise(codes: Array, scale: Array, block_size: int, axis: _quantize.Axis, decode: Any) -> Array:
     plan = _quantize._plan(codes, block_size, axis)
     cb, n = _quantize._blocks(codes, block_size, axis, plan)
     scale = jnp.asarray(scale, jnp.float32)
@@ -171,7 +173,7 @@ def quantize_fp8(
     x: Array,
     *,
     block_size: int = 256,
-    axis: int | None = None,
+    axis: _quantize.Axis = None,
     bits: Array | None = None,
     positive: bool = False,
 ) -> tuple[Array, Array]:
@@ -194,13 +196,15 @@ def quantize_fp8(
     return _blockwise(x, block_size, axis, encode, bits)
 
 
-def dequantize_fp8(codes: Array, scale: Array, *, block_size: int = 256, axis: int | None = None) -> Array:
+def dequantize_fp8(
+    codes: Array, scale: Array, *, block_size: int = 256, axis: _quantize.Axis = None
+) -> Array:
     """``float32(codes) * scale`` per block: torchao's ``OptimStateFp8.dequantize``, bit for bit."""
     return _unblockwise(codes, scale, block_size, axis, lambda cb: cb.astype(jnp.float32))
 
 
 def quantize_int4(
-    x: Array, *, block_size: int = 128, axis: int | None = None, signed: bool = True
+    x: Array, *, block_size: int = 128, axis: _quantize.Axis = None, signed: bool = True
 ) -> tuple[Array, Array]:
     """``(packed codes, scale)``: block-wise 4-bit codes, two per byte, and ``max |x|`` per block."""
     table = _map4_np(bool(signed))
@@ -225,7 +229,7 @@ def dequantize_int4(
     shape: tuple[int, ...],
     *,
     block_size: int = 128,
-    axis: int | None = None,
+    axis: _quantize.Axis = None,
     signed: bool = True,
 ) -> Array:
     """Block-wise 4-bit codes back to float32 of ``shape`` (torchao's ``dequant_with_qmap``, bit for bit)."""

@@ -29,10 +29,14 @@ via Block-wise Quantization"), reproducing bitsandbytes 0.50.2 exactly:
 
 Blocks run over the flattened tensor (``axis=None``, bitsandbytes' layout) or along
 the last axis (``axis=-1``: each row is cut into blocks of its own, the last one
-short). The two agree whenever the last dimension is a multiple of ``block_size``;
-the per-row layout never lets a block straddle rows, so a row-sharded (or
+short), or as 2-D tiles over the last two axes (``axis=TILES``, ``(-2, -1)``: a tile of
+``th x tw`` elements, :func:`tile_shape`, 16 x 16 for blocks of 256; tiles at the bottom and
+right edges short). The first two agree whenever the last dimension is a multiple of
+``block_size``; the per-row layout never lets a block straddle rows, so a row-sharded (or
 column-sharded with shard widths that are multiples of the block) array can be
-quantized shard by shard with no communication. Under explicit sharding (``jax.set_mesh``
+quantized shard by shard with no communication. Tiles never straddle shards whose heights
+and widths are multiples of the tile's (16 for blocks of 256): row, column and 2-D
+shardings alike. Under explicit sharding (``jax.set_mesh``
 with an ``AxisType.Explicit`` mesh) every reshape states its output's sharding, and where
 shards would cut blocks the array is resharded first (:func:`_plan`); without sharding in
 the types the program is the one it always was.
@@ -133,15 +137,49 @@ def _lut_np(signed: bool) -> np.ndarray:
 
 # --------------------------------------------------------------------------- block layout
 
+TILES = (-2, -1)
+"""The ``axis`` of the 2-D tile layout: blocks are tiles over the last two axes."""
 
-def _blocks(x: Array, block_size: int, axis: int | None, plan: _Plan | None = None) -> tuple[Array, int]:
+Axis = int | tuple[int, int] | None
+
+
+def layout_axis(layout: str) -> Axis:
+    """The quantizer's ``axis`` for a layout name: ``"flat"`` None, ``"tiles"`` TILES, else -1."""
+    return None if layout == "flat" else TILES if layout == "tiles" else -1
+
+
+def tile_shape(block_size: int) -> tuple[int, int]:
+    """``(th, tw)`` of the tiles of ``block_size`` elements: ``th`` the largest divisor of
+    ``block_size`` not above its square root (256: 16 x 16; 128: 8 x 16; 64: 8 x 8)."""
+    th = max(d for d in range(1, math.isqrt(block_size) + 1) if block_size % d == 0)
+    return th, block_size // th
+
+
+def _is_tiles(axis: Axis, ndim: int) -> bool:
+    if isinstance(axis, tuple):
+        if axis != TILES:
+            raise ValueError(f"axis={axis!r} is not supported; allowed: None, -1 or (-2, -1) (tiles).")
+        return ndim >= 2
+    return False
+
+
+def _blocks(
+    x: Array, block_size: int, axis: Axis, plan: _Plan | None = None
+) -> tuple[Array, int | tuple[int, int]]:
     """``x`` as ``(..., n_blocks, block_size)``, zero-padded; returns it and the padded length.
+
+    Tiles (``axis=TILES``, rank >= 2): ``(..., n_tile_rows, n_tile_cols, block_size)``, each tile
+    read row-major, and ``(rows, cols)`` in place of the length.
 
     ``plan``: under explicit sharding (:func:`_plan`), ``x`` is resharded to ``plan.work`` and
     every reshape states its output's sharding; ``None``: the program without sharding types.
     """
     if plan is not None:
         x = jax.sharding.reshard(x, plan.sharding(plan.work))
+    if _is_tiles(axis, x.ndim):
+        return _tiles(x, block_size, plan), tuple(x.shape[-2:])  # type: ignore[return-value]
+    if isinstance(axis, tuple):  # tiles of a vector or scalar: its rows
+        axis = -1
     if axis is None:
         x = _reshape(x, (x.size,), plan, plan and plan.blocks[:1])
     elif axis not in (-1, x.ndim - 1):
@@ -156,10 +194,35 @@ def _blocks(x: Array, block_size: int, axis: int | None, plan: _Plan | None = No
     return _reshape(x, (*x.shape[:-1], nb, block_size), plan, plan and plan.blocks), n
 
 
-def _unblock(xb: Array, n: int, shape: tuple[int, ...], plan: _Plan | None) -> Array:
+def _tiles(x: Array, block_size: int, plan: _Plan | None) -> Array:
+    """``(..., R, C)`` as ``(..., ceil(R / th), ceil(C / tw), th * tw)``: :func:`_blocks`' tiles."""
+    th, tw = tile_shape(block_size)
+    *lead, r, c = x.shape
+    nr, nc = -(-r // th), -(-c // tw)
+    if nr * th - r or nc * tw - c:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nr * th - r), (0, nc * tw - c)])
+    x = _reshape(x, (*lead, nr, th, nc, tw), plan, plan and _tile_spec(plan.blocks))
+    x = jnp.swapaxes(x, -3, -2)  # (..., nr, nc, th, tw): a transpose of the shard-local dims only
+    return _reshape(x, (*lead, nr, nc, th * tw), plan, plan and plan.blocks)
+
+
+def _tile_spec(blocks: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The spec of ``(..., nr, th, nc, tw)`` from that of the tiles ``(..., nr, nc, th * tw)``."""
+    return (*blocks[:-3], blocks[-3], None, blocks[-2], None)
+
+
+def _unblock(xb: Array, n: int | tuple[int, int], shape: tuple[int, ...], plan: _Plan | None) -> Array:
     """:func:`_blocks` undone: ``(..., n_blocks, block_size)`` back to ``shape`` (and its sharding)."""
-    x = _reshape(xb, (*xb.shape[:-2], xb.shape[-2] * xb.shape[-1]), plan, plan and plan.blocks[:-1])
-    x = _reshape(x[..., :n], shape, plan, plan and plan.work)
+    if isinstance(n, tuple):  # tiles
+        (r, c), (th, tw) = n, tile_shape(xb.shape[-1])
+        *lead, nr, nc, _ = xb.shape
+        x = _reshape(xb, (*lead, nr, nc, th, tw), plan, plan and (*plan.blocks, None))
+        x = jnp.swapaxes(x, -3, -2)
+        x = _reshape(x, (*lead, nr * th, nc * tw), plan, plan and plan.work)
+        x = x if (nr * th, nc * tw) == (r, c) else x[..., :r, :c]
+    else:
+        x = _reshape(xb, (*xb.shape[:-2], xb.shape[-2] * xb.shape[-1]), plan, plan and plan.blocks[:-1])
+        x = _reshape(x[..., :n], shape, plan, plan and plan.work)
     return x if plan is None else jax.sharding.reshard(x, plan.sharding(plan.spec))
 
 
@@ -207,15 +270,17 @@ def shard_count(entry: Any, sizes: Any) -> int:
     return math.prod(sizes[a] for a in mesh_axis_names(entry))
 
 
-def _plan(x: Array, block_size: int, axis: int | None) -> _Plan | None:
+def _plan(x: Array, block_size: int, axis: Axis) -> _Plan | None:
     """The block plan of ``x`` if its type carries explicit sharding (``jax.set_mesh`` with an
     ``AxisType.Explicit`` mesh), else ``None`` (no sharding in the types: XLA places the blocks).
 
     Shards that hold whole blocks are quantized where they are. Otherwise ``x`` is resharded
     first: ``"rows"`` moves the last dimension's mesh axes to the first unsharded leading
     dimension they divide (an all-to-all), or else gathers the rows (an all-gather along the last
-    dimension); ``"flat"`` moves every mesh axis to the first dimension, or else gathers ``x``.
-    The codes always go back to ``x``'s sharding; ``absmax`` keeps the blocks' sharding.
+    dimension); ``"flat"`` moves every mesh axis to the first dimension, or else gathers ``x``;
+    ``"tiles"`` gathers each of the last two dimensions whose shards do not hold whole tiles
+    (the format warns at ``init``, naming the leaf). The codes always go back to ``x``'s
+    sharding; ``absmax`` keeps the blocks' sharding.
     """
     sharding = explicit_sharding(x)
     if sharding is None:
@@ -227,7 +292,7 @@ def _plan(x: Array, block_size: int, axis: int | None) -> _Plan | None:
 
 
 def block_specs(
-    spec: tuple[Any, ...], shape: tuple[int, ...], sizes: Any, block_size: int, axis: int | None
+    spec: tuple[Any, ...], shape: tuple[int, ...], sizes: Any, block_size: int, axis: Axis
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """:func:`_plan`'s rule on PartitionSpec entries: ``(work, blocks)`` for an array of ``shape``
     sharded as ``spec`` (one entry per dimension) on a mesh whose axis ``a`` has ``sizes[a]``
@@ -238,6 +303,11 @@ def block_specs(
     def devices(entry: Any) -> int:
         return shard_count(entry, sizes)
 
+    if _is_tiles(axis, ndim):
+        tiled = (*spec[:-2], *tile_fit(spec[-2:], shape[-2:], sizes, block_size))
+        return tiled, (*tiled, None)
+    if isinstance(axis, tuple):
+        axis = -1
     if axis is None or ndim <= 1:
         axes = tuple(a for e in spec for a in names(e))
         lead = axes[0] if len(axes) == 1 else axes
@@ -254,6 +324,42 @@ def block_specs(
     return tuple(work), (*work, None)
 
 
+def tile_fit(spec: tuple[Any, ...], shape: tuple[int, ...], sizes: Any, block_size: int) -> tuple[Any, Any]:
+    """The entries of ``spec`` (the last two dimensions' of a tiled array of ``shape``) whose shards
+    hold whole tiles; an entry whose shards do not (a shard narrower than the tile, or not a
+    multiple of it) becomes ``None``, and that dimension is gathered."""
+    tile = tile_shape(block_size)
+    return tuple(  # type: ignore[return-value]
+        e if e is None or n % (shard_count(e, sizes) * t) == 0 else None
+        for e, n, t in zip(spec, shape, tile, strict=True)
+    )
+
+
+def unfit_tiles(x: Any, block_size: int) -> str | None:
+    """Why the shards of ``x`` (rank >= 2) do not hold whole tiles, or ``None`` where they do or
+    its sharding is not known: read from its type (explicit sharding) or, for a concrete array or
+    ``jax.ShapeDtypeStruct``, its ``NamedSharding`` (a tracer of an ``AxisType.Auto`` mesh has none)."""
+    sharding = explicit_sharding(x)
+    if sharding is None and not isinstance(x, jax.core.Tracer):
+        sharding = getattr(x, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    sizes = dict(getattr(mesh, "shape", None) or {})
+    shape = tuple(x.shape)
+    spec = (tuple(getattr(sharding, "spec", None) or ()) + (None,) * len(shape))[: len(shape)]
+    if len(shape) < 2 or not all(a in sizes for e in spec[-2:] for a in mesh_axis_names(e)):
+        return None
+    fit = tile_fit(spec[-2:], shape[-2:], sizes, block_size)
+    bad = []
+    for label, e, f, n, t in zip(
+        ("rows", "columns"), spec[-2:], fit, shape[-2:], tile_shape(block_size), strict=True
+    ):
+        if e is not None and f is None:
+            bad.append(
+                f"{n} {label} over {shard_count(e, sizes)} shards ({e!r}) do not make whole tiles of {t}"
+            )
+    return "; ".join(bad) or None
+
+
 def _check_block_size(block_size: int) -> int:
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(
@@ -262,8 +368,11 @@ def _check_block_size(block_size: int) -> int:
     return int(block_size)
 
 
-def absmax_shape(shape: tuple[int, ...], block_size: int = 256, axis: int | None = None) -> tuple[int, ...]:
+def absmax_shape(shape: tuple[int, ...], block_size: int = 256, axis: Axis = None) -> tuple[int, ...]:
     """Shape of the ``absmax`` array :func:`quantize_blockwise` returns for an input of ``shape``."""
+    if _is_tiles(axis, len(shape)):
+        th, tw = tile_shape(block_size)
+        return (*shape[:-2], -(-shape[-2] // th), -(-shape[-1] // tw))
     if axis is None or len(shape) <= 1:
         return (-(-math.prod(shape) // block_size),)
     return (*shape[:-1], -(-shape[-1] // block_size))
@@ -271,7 +380,7 @@ def absmax_shape(shape: tuple[int, ...], block_size: int = 256, axis: int | None
 
 @functools.partial(jax.jit, static_argnames=("block_size", "signed", "axis"))
 def quantize_blockwise(
-    x: Array, *, block_size: int = 256, signed: bool = True, axis: int | None = None
+    x: Array, *, block_size: int = 256, signed: bool = True, axis: Any = None
 ) -> tuple[Array, Array]:
     """Block-wise 8-bit dynamic quantization, code for code as bitsandbytes' CPU kernel.
 
@@ -281,12 +390,14 @@ def quantize_blockwise(
       signed: use the signed dynamic map (bitsandbytes' default, and what its
         optimizers use for every state, the non-negative second moment included).
       axis: ``None``: blocks over the flattened array (bitsandbytes); ``-1``: blocks
-        along the last axis, one set per row (see the module docstring).
+        along the last axis, one set per row; ``(-2, -1)``: 2-D tiles over the last two axes
+        (16 x 16 for ``block_size=256``; a vector is cut as by ``-1``), see the module docstring.
 
     Returns:
       ``(codes, absmax)``: ``codes`` uint8 with ``x``'s shape; ``absmax`` float32 of
       shape ``(ceil(x.size / block_size),)``, or ``(*x.shape[:-1], ceil(x.shape[-1] /
-      block_size))`` with ``axis=-1``.
+      block_size))`` with ``axis=-1``, or ``(*x.shape[:-2], ceil(R / th), ceil(C / tw))`` with
+      tiles of ``th x tw`` (16 x 16 for blocks of 256).
 
     The rule, per block with ``a = max |x|``: ``a == 0`` gives codes 0; otherwise
     ``k = floor((clamp(x * (1/a), -1, 1) + 1) * 0.5 * 65535 + 0.5)`` and the code is
@@ -343,7 +454,7 @@ def dequantize_blockwise(
     *,
     block_size: int = 256,
     signed: bool = True,
-    axis: int | None = None,
+    axis: Any = None,
     dtype: Any = jnp.float32,
 ) -> Array:
     """``code[codes] * absmax`` per block in float32: bitsandbytes' ``dequantize_blockwise``, bit for bit."""

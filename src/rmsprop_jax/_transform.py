@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _executor, _packed, _validate
+from rmsprop_jax import _executor, _packed, _quantize, _validate
 from rmsprop_jax._codecs import (
     PLAIN,
     Codec,
@@ -111,6 +111,8 @@ def _init_state(
 
     for path, p in paths_leaves:
         nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype)
+        roles = [("nu", nu_dt)] + ([("acc", acc_dt)] if centered or momentum else [])
+        _warn_unfit_tiles(path, p, [fmt.codec(tuple(p.shape), dt, role) for role, dt in roles])
         nus.append(new(p, initial_scale, nu_dt, "nu"))
         if centered:
             mus.append(new(p, 0, acc_dt, "acc"))
@@ -128,6 +130,23 @@ def _init_state(
         mu=tree(mus) if centered else None,
         trace=tree(traces) if momentum else None,
     )
+
+
+def _warn_unfit_tiles(path: Any, p: Any, codecs: list[Codec]) -> None:
+    """Warn, naming the leaf, where the shards of a tiled leaf cut its tiles (the update gathers)."""
+    tiled = [c for c in codecs if isinstance(c, Quantized) and c.layout == "tiles"]
+    if not tiled:
+        return
+    codec = tiled[0]
+    why = _quantize.unfit_tiles(p, codec.block_size)
+    if why:
+        warnings.warn(
+            f"params leaf {jax.tree_util.keystr(path) or '<root>'} {tuple(p.shape)}: layout='tiles' cannot "
+            f"keep its {'x'.join(map(str, _quantize.tile_shape(codec.block_size)))} tiles inside its shards "
+            f"({why}); every update gathers it along that dimension. Shard it in multiples of the tile, or "
+            "choose a block_size whose tile fits.",
+            stacklevel=4,
+        )
 
 
 def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:

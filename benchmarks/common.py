@@ -246,14 +246,24 @@ def torch_device() -> str | None:
 
 
 def state_summary(state: Any, num_params: int, accumulators: int) -> dict[str, float]:
-    """State bytes per parameter and the share of accumulator elements stored in one byte.
+    """State bytes per parameter and the share of accumulator elements stored quantized (8-bit,
+    4-bit or FP8: a ``rmsprop_jax.QuantizedLeaf``, counted by its parameter's elements).
 
     ``state`` may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape(opt.init, params)``)."""
+    import rmsprop_jax
+
     leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
     total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
-    one_byte = sum(int(np.prod(x.shape)) for x in leaves if jnp.dtype(x.dtype).itemsize == 1)
+    is_q = lambda x: isinstance(x, rmsprop_jax.QuantizedLeaf)
+    # a QuantizedLeaf counts its parameter's elements; codes outside one (an NNX state holds them
+    # as plain mappings) count one element per byte
+    quantized = sum(
+        int(np.prod(x.shape)) if is_q(x) else int(np.prod(x.shape)) * (jnp.dtype(x.dtype).itemsize == 1)
+        for x in jax.tree.leaves(state, is_leaf=is_q)
+        if is_q(x) or hasattr(x, "dtype")
+    )
     return {
         "state_bytes": total,
         "bytes_per_param": total / num_params,
-        "quantized_share": one_byte / (accumulators * num_params),
+        "quantized_share": quantized / (accumulators * num_params),
     }

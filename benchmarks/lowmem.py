@@ -9,19 +9,31 @@ State formats (``MODES``), each on float32 parameters, under the suite's two con
 * ``int8``: ``accumulator_dtype="int8"``: 8-bit block-wise codes plus one float32 absmax per block
   of 256 (bitsandbytes' scheme; leaves below 4096 elements keep float32). On a CUDA GPU the library
   steps eligible 8-bit leaves with its fused kernel: the row is what the library chose.
+* ``int4``: ``accumulator_dtype="int4"``: two 4-bit codes per byte; the second moment of a matrix
+  rank-1 normalized (a float32 maximum per row and per column), other accumulators in blocks of 128
+  with a float32 scale each (Li et al. 2023; leaves below 4096 elements keep float32).
+* ``fp8``: ``accumulator_dtype="fp8"``: float8_e4m3fn codes with a float32 scale per block of 256
+  (torchao's scheme), stochastic rounding (the default); ``fp8_nearest``: the same rounded to nearest.
 * ``int8_apply`` (step cost only): the same state stepped by ``rmsprop_jax.update_and_apply``
   (the parameter updated inside the optimizer's step) instead of ``update`` + ``apply_updates``.
 
+**torchao** (when installed, CPU only; not in ``--quick``): the cost of low-bit state on both sides
+of the fence, one 4M-element leaf: each of our formats' step as a ratio to our float32-state step,
+against torchao's ``AdamW8bit`` / ``AdamW4bit`` / ``AdamWFp8`` step as a ratio to
+``torch.optim.AdamW`` (float32 state), all interleaved in one process.
+
 **Bytes** are those of ``jax.eval_shape(opt.init, params)`` (nothing allocated, so every workload,
 the 256M leaf included, is counted on any machine) over the parameter count; ``quantized_share`` is
-the share of accumulator elements stored in one byte. **Cost** is the donated jitted step of each
-format, all interleaved in rounds in one process, as a ratio to the float32-state step. **nu error**:
+the share of accumulator elements stored quantized (8-bit, 4-bit or FP8). **Cost** is the donated
+jitted step of each format, all interleaved in rounds in one process, as a ratio to the
+float32-state step. **nu error**:
 after the timed steps (every format takes the same steps from the same inputs), the relative RMS
 distance of ``rmsprop_jax.decode``'d ``nu`` to the float32 state's ``nu``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,9 @@ MODES: dict[str, dict[str, Any]] = {
     "float32": {},
     "bf16_sr": {"accumulator_dtype": jnp.bfloat16},
     "int8": {"accumulator_dtype": "int8"},
+    "int4": {"accumulator_dtype": "int4"},
+    "fp8": {"accumulator_dtype": "fp8"},
+    "fp8_nearest": {"accumulator_dtype": rmsprop_jax.Fp8(rounding="nearest")},
 }
 COST_ONLY: dict[str, dict[str, Any]] = {"int8_apply": MODES["int8"]}  # stepped by update_and_apply
 FUSED_APPLY = {"int8_apply"}
@@ -100,6 +115,63 @@ def measure_cost(
     return out
 
 
+TORCHAO_SHAPE = (2048, 2048)  # 4M elements, the size of the issue's torchao measurements
+TORCHAO_OPTIMIZERS = {"int8": "AdamW8bit", "int4": "AdamW4bit", "fp8": "AdamWFp8"}
+
+
+class _TorchStep:
+    """One ``opt.step()`` of a torch optimizer on one parameter with a fixed gradient, timed."""
+
+    def __init__(self, make: Any, p: np.ndarray, g: np.ndarray) -> None:
+        import torch
+
+        self.param = torch.nn.Parameter(torch.tensor(p))
+        self.param.grad = torch.tensor(g)
+        self.opt = make([self.param])
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def torchao_cost(rounds: int, per_round: int) -> dict[str, Any] | None:
+    """Our low-bit formats' step cost ratio to our float32 step, beside torchao's to torch's AdamW."""
+    try:
+        import torch
+        import torchao.optim as tao
+    except ImportError:
+        return None
+    if jax.devices()[0].platform != "cpu":
+        return None  # torchao's CPU path against a JAX accelerator would compare nothing
+    params = make_tree({"w": TORCHAO_SHAPE}, seed=7)
+    grads = make_tree({"w": TORCHAO_SHAPE}, seed=8, scale=1e-2)
+    p, g = np.asarray(params["w"]), np.asarray(grads["w"])
+    cases: dict[str, Any] = {}
+    for mode in ("float32", *TORCHAO_OPTIMIZERS):
+        kw = MODES[mode]
+        cases[f"rmsprop_jax/{mode}"] = JaxCase(rmsprop_jax.rmsprop(1e-3, **kw), params, grads, donate=True)
+    cases["torch/AdamW"] = _TorchStep(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False), p, g)
+    for name in TORCHAO_OPTIMIZERS.values():
+        cases[f"torchao/{name}"] = _TorchStep(lambda ps, name=name: getattr(tao, name)(ps, lr=1e-3), p, g)
+    times = interleave(cases, rounds, per_round)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "shape": list(TORCHAO_SHAPE),
+        "torch": torch.__version__,
+        "torchao": getattr(__import__("torchao"), "__version__", "?"),
+        "torch_threads": torch.get_num_threads(),
+        "median_ms": {k: 1e3 * v for k, v in med.items()},
+        "ratios": {
+            mode: {
+                "rmsprop_jax": med[f"rmsprop_jax/{mode}"] / med["rmsprop_jax/float32"],
+                "torchao": med[f"torchao/{name}"] / med["torch/AdamW"],
+            }
+            for mode, name in TORCHAO_OPTIMIZERS.items()
+        },
+    }
+
+
 def run_section(quick: bool, names: set[str], big: bool = False) -> dict[str, Any]:
     """Every workload x config x format; the dict that ``lowmem.json`` holds (less the machine)."""
     rounds, per_round = (3, 2) if quick else (8, 3)
@@ -130,8 +202,12 @@ def run_section(quick: bool, names: set[str], big: bool = False) -> dict[str, An
                     flush=True,
                 )
             groups.append(g)
+    torchao = None if quick or (picked and "torchao" not in names) else torchao_cost(rounds, per_round)
+    if torchao is not None:
+        print("  torchao side by side: " + json.dumps(torchao["ratios"]), flush=True)
     load.append(loadavg())
     return {
+        "torchao": torchao,
         "settings": {"rounds": rounds, "steps_per_round": per_round, "warmup_steps": 2},
         "modes": {m: {k: str(v) for k, v in kw.items()} for m, kw in MODES.items()},
         "cost_only_modes": {m: "int8 stepped by rmsprop_jax.update_and_apply" for m in COST_ONLY},
@@ -154,7 +230,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"load average {data['loadavg_1min']}; {data['timestamp_utc']}.",
         "",
         "**State bytes per parameter** (`jax.eval_shape(opt.init, params)`; in brackets: share of "
-        "accumulator elements stored in 8 bits).",
+        "accumulator elements stored quantized).",
         "",
         "| workload | config | " + " | ".join(modes) + " | smallest / float32 |",
         "|---|---|" + "---|" * (len(modes) + 1),
@@ -198,6 +274,26 @@ def markdown(data: dict[str, Any]) -> str:
         cells = [f"{c[x]['compile_s']:.2f}" for x in cmodes]
         cells += [f"{c[x]['nu_rel_err']:.1e}" if "nu_rel_err" in c[x] else "–" for x in cmodes[1:]]
         lines.append(f"| {g['workload_description']} | {g['config']} | " + " | ".join(cells) + " |")
+    tao = data.get("torchao")
+    if tao:
+        lines += [
+            "",
+            f"**Beside torchao** {tao['torchao']} (torch {tao['torch']}, {tao['torch_threads']} threads), "
+            f"one {' x '.join(map(str, tao['shape']))} leaf, interleaved: the low-bit step as a ratio to the "
+            "same library's float32-state step (ours: RMSProp, `rmsprop_jax.rmsprop`; torchao's: AdamW, "
+            "against `torch.optim.AdamW`). Median ms in brackets.",
+            "",
+            "| state | rmsprop_jax / its float32 | torchao / torch AdamW |",
+            "|---|---|---|",
+        ]
+        ms = tao["median_ms"]
+        for mode, name in TORCHAO_OPTIMIZERS.items():
+            r = tao["ratios"][mode]
+            lines.append(
+                f"| {mode} | **{r['rmsprop_jax']:.2f}** ({ms[f'rmsprop_jax/{mode}']:.3g} / "
+                f"{ms['rmsprop_jax/float32']:.3g}) | **{r['torchao']:.2f}** ({ms[f'torchao/{name}']:.3g} / "
+                f"{ms['torch/AdamW']:.3g}, {name}) |"
+            )
     lines.append("")
     return "\n".join(lines)
 

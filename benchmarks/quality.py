@@ -1,22 +1,23 @@
-"""Section ``quality``: training quality with each state format (float32, bf16-SR, int8, int8 on every leaf).
+"""Section ``quality``: training quality with each state format (float32, bf16-SR, int8, int4, FP8).
 
 Models (notebook 02's, copied into :mod:`benchmarks.digits`, float32 parameters): the digits CNN and
 the row-by-row GRU, 8 epochs, batch 32, test accuracy after each epoch; and a noisy quadratic,
 ``f(x) = 0.5 * sum(h * x**2)`` with ``h`` log-spaced over [1e-3, 1] on 65536 coordinates and
 N(0, 0.1**2) gradient noise, 4000 steps. Each is trained with every state format of
-:mod:`benchmarks.lowmem` (``float32``, ``bf16_sr``, ``int8``, plus ``int8_all``:
-``accumulator_dtype=rmsprop_jax.Int8(min_size=0)``, every leaf quantized, none kept in float32)
-under two configurations with the same effective step size:
+:mod:`benchmarks.lowmem` (``float32``, ``bf16_sr``, ``int8``, ``int4``, ``fp8`` (stochastic
+rounding, the default), ``fp8_nearest``), plus ``int8_all`` / ``int4_all`` / ``fp8_all``: the
+format with ``min_size=0``, every leaf quantized, none kept in float32) under two configurations
+with the same effective step size:
 
 * ``plain``: ``rmsprop(lr)`` (decay 0.9);
 * ``centered_momentum``: ``rmsprop(lr / 10, centered=True, momentum=0.9)``.
 
 Reported per (model, configuration, format): final test accuracy (mean over the seeds, and each
 seed), its difference to the float32 state, the final training loss, the share of accumulator
-elements stored in one byte (bitsandbytes' rule keeps leaves below 4096 elements in float32, so
-int8 does not apply to all of a small model), and the state bytes per parameter. Full: seeds 0 and 1;
-``--quick``: seed 0, the CNN for 1 epoch (plain config, float32 and int8_all only) and a 300-step
-quadratic on 8192 coordinates.
+elements stored quantized (bitsandbytes' and lpmm's rule keeps leaves below 4096 elements in
+float32, so the quantized formats do not apply to all of a small model), and the state bytes per
+parameter. Full: seeds 0 and 1; ``--quick``: seed 0, the CNN for 1 epoch (plain config, float32
+and int8_all only) and a 300-step quadratic on 8192 coordinates.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def modes() -> dict[str, dict[str, Any]]:
-    """The benchmark's state formats, plus int8 on every leaf where the package allows it."""
-    return {**MODES, "int8_all": {"accumulator_dtype": rmsprop_jax.Int8(min_size=0)}}
+    """The benchmark's state formats, plus each quantized format on every leaf (``min_size=0``)."""
+    return {
+        **MODES,
+        "int8_all": {"accumulator_dtype": rmsprop_jax.Int8(min_size=0)},
+        "int4_all": {"accumulator_dtype": rmsprop_jax.Int4(min_size=0)},
+        "fp8_all": {"accumulator_dtype": rmsprop_jax.Fp8(min_size=0)},
+    }
 
 
 def make_tx(model: str, config: str, mode_kw: dict[str, Any]) -> optax.GradientTransformation:
@@ -138,9 +144,9 @@ def run_section(quick: bool, names: set[str], seeds: list[int] | None = None) ->
                         summary = f"test acc {100 * r['test_acc'][-1]:.2f} %"
                     runs.append({"model": model_kind, "config": config, "mode": mode, "seed": seed} | r)
                     print(
-                        f"{model_kind:9s} {config:17s} {mode:8s} seed {seed}: {summary}, "
+                        f"{model_kind:9s} {config:17s} {mode:11s} seed {seed}: {summary}, "
                         f"{r['bytes_per_param']:.3f} B/param, "
-                        f"8-bit share {100 * r['quantized_share']:.0f} %, "
+                        f"quantized share {100 * r['quantized_share']:.0f} %, "
                         f"{r['wall_s']:.1f} s",
                         flush=True,
                     )
@@ -205,7 +211,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"steps on {st['quadratic_n']} coordinates. lr {st['lrs']} (x0.1 with momentum 0.9).",
         "",
         "| model | config | state | final test acc % (mean; per seed) | vs float32 (points) "
-        "| state B/param | accumulators in 8 bits |",
+        "| state B/param | accumulators quantized |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary_rows(data):
@@ -220,7 +226,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines += [
         "",
         "| model | config | state | final loss (mean of last 5 %; per seed) | vs float32 | state B/param "
-        "| accumulators in 8 bits |",
+        "| accumulators quantized |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary_rows(data):

@@ -326,3 +326,23 @@ def test_bad_format_values_raise() -> None:
         rmsprop_jax.Fp8(seed=-1)
     with pytest.raises(ValueError, match=r"float8_e5m2.*accumulator_dtype='fp8'"):
         rmsprop_jax.rmsprop(1e-3, accumulator_dtype=jnp.float8_e5m2)
+
+
+def test_fp8_stochastic_rounding_grows_a_second_moment_that_round_to_nearest_stalls() -> None:
+    """Why Fp8 rounds stochastically by default: in a block whose scale is held by one steady
+    element, the others' nu must grow from 0.01 to ~0.24 by increments of 0.1 % at decay 0.999,
+    below half of e4m3's spacing (2**-4): round to nearest keeps it at 0.01 (steps 5x too large)."""
+    g0 = jnp.tile(jnp.concatenate([jnp.ones(1), jnp.full(255, 0.1)]), 16)
+    g1 = jnp.tile(jnp.concatenate([jnp.ones(1), jnp.full(255, 0.5)]), 16)
+    p, out = jnp.zeros((4096,)), {}
+    for name, fmt in {"sr": rmsprop_jax.Fp8(), "nearest": rmsprop_jax.Fp8(rounding="nearest")}.items():
+        opt = rmsprop_jax.rmsprop(1e-3, decay=0.999, accumulator_dtype=fmt)
+
+        def run(s: Any, g: jax.Array, n: int, opt: Any = opt) -> Any:
+            return jax.lax.scan(lambda s, _: (opt.update(g, s, p)[1], None), s, None, length=n)[0]
+
+        state = run(run(opt.init(p), g0, 3000), g1, 3000)
+        out[name] = float(np.asarray(rmsprop_jax.decode(state.nu)).reshape(16, 256)[:, 1:].mean())
+    want = 0.25 + (0.01 - 0.25) * 0.999**3000  # float64, from nu ~ 0.01 after the warm-up
+    assert abs(out["sr"] - want) < 0.02 * want, out
+    assert out["nearest"] < 0.2 * want, out  # the stall

@@ -280,10 +280,11 @@ def _check_packable(params: Any, fmt: Format) -> None:
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype):
             codec = fmt.codec(tuple(p.shape), dt)
+            _BITS = {"int8": "8-bit", "int4": "4-bit", "fp8": "FP8"}
             if isinstance(codec, Quantized):
                 raise ValueError(
                     f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
-                    f"({p.shape}) as {codec.kind} codes: the packed layout holds float buffers (a "
+                    f"({p.shape}) as {_BITS[codec.kind]} codes: the packed layout holds float buffers (a "
                     f"quantized block would straddle leaves). Use packed=False for {codec.kind} state, "
                     f"or optax.flatten(rmsprop_jax.rmsprop(..., accumulator_dtype='{codec.kind}')) for "
                     "one quantized buffer."

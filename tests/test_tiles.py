@@ -51,6 +51,16 @@ def test_tile_shapes_and_vector_fallback():
         rmsprop_jax.Int8(layout="tile")
 
 
+@pytest.mark.parametrize("fmt", [rmsprop_jax.Int8, rmsprop_jax.Int4, rmsprop_jax.Fp8])
+def test_tiled_update_compiles_without_a_transpose(fmt):
+    """Tiles are a view of the leaf in its own layout: no transpose in and out (the update of a
+    (1024, 512) leaf was ~2.5x the rows layout's with one; ~1.3x without)."""
+    opt = rmsprop_jax.rmsprop(1e-3, momentum=0.9, centered=True, accumulator_dtype=fmt(layout="tiles"))
+    p = {"w": jnp.ones((1000, 500))}  # padded to whole tiles
+    hlo = jax.jit(opt.update).lower(p, opt.init(p), p).compile().as_text()
+    assert " transpose(" not in hlo
+
+
 def test_narrow_shards_warn_naming_the_leaf():
     devices = jax.devices()
     if len(devices) < 2:

@@ -108,8 +108,7 @@ def quantize4(v: Array, table: np.ndarray) -> Array:
     return jnp.where(v - down_v >= (up_v - down_v) * jnp.float32(0.5), up, c)
 
 
-def _block_max(xb: Array) -> Array:
-    return jnp.max(jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb)), axis=-1)
+_block_max = _quantize.block_max
 
 
 # --------------------------------------------------------------------------- packing two codes per byte
@@ -152,12 +151,14 @@ def unpack(packed: Array, shape: tuple[int, ...]) -> Array:
 def _blockwise(
     x: Array, block_size: int, axis: _quantize.Axis, encode: Any, bits: Array | None = None
 ) -> Any:
-    """``encode(blocks, bit_blocks)`` on ``x``'s blocks -> (codes of ``x``'s shape, per-block scale)."""
+    """``encode(blocks, bit_blocks, tiled)`` on ``x``'s blocks (:func:`rmsprop_jax._quantize._blocks`)
+    -> (codes of ``x``'s shape, per-block scale)."""
     plan = _quantize._plan(x, block_size, axis)
     xb, n = _quantize._blocks(x.astype(jnp.float32), block_size, axis, plan)
     bb = None if bits is None else _quantize._blocks(bits, block_size, axis, plan)[0]
-    codes, scale = encode(xb, bb)
-    return _quantize._unblock(codes, n, tuple(x.shape), plan), scale
+    tiled = isinstance(n, tuple)
+    codes, scale = encode(xb, bb, tiled)
+    return _quantize._unblock(codes, n, tuple(x.shape), plan), _quantize.block_scale(scale, tiled)
 
 
 def _unblockwise(codes: Array, scale: Array, block_size: int, axis: _quantize.Axis, decode: Any) -> Array:
@@ -166,6 +167,7 @@ def _unblockwise(codes: Array, scale: Array, block_size: int, axis: _quantize.Ax
     scale = jnp.asarray(scale, jnp.float32)
     if plan is not None:
         scale = jax.sharding.reshard(scale, plan.sharding(plan.blocks[:-1]))
+    scale = _quantize.per_block(scale, isinstance(n, tuple))
     return _quantize._unblock(decode(cb) * scale[..., None], n, tuple(codes.shape), plan)
 
 
@@ -184,10 +186,10 @@ def quantize_fp8(
     (the smallest positive code instead).
     """
 
-    def encode(xb: Array, bb: Array | None) -> tuple[Array, Array]:
+    def encode(xb: Array, bb: Array | None, tiled: bool) -> tuple[Array, Array]:
         # XLA:CPU's float32 division is not correctly rounded: this scale is one ulp off
         # torchao's (PyTorch divides exactly) in about half the blocks; the codes agree
-        scale = jnp.maximum(_block_max(xb), jnp.float32(_TINY)) / jnp.float32(FP8_MAX)
+        scale = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY)) / jnp.float32(FP8_MAX)
         v = xb / scale[..., None]
         codes = v.astype(FP8) if bb is None else _quantize.stochastic_round_general(v, FP8, bb)
         if positive:
@@ -211,13 +213,13 @@ def quantize_int4(
     """``(packed codes, scale)``: block-wise 4-bit codes, two per byte, and ``max |x|`` per block."""
     table = _map4_np(bool(signed))
 
-    def encode(xb: Array, _: Any) -> tuple[Array, Array]:
+    def encode(xb: Array, _: Any, tiled: bool) -> tuple[Array, Array]:
         if signed:  # torchao's scale, clipped, so that an all-zero block gets the code of 0
-            scale = jnp.maximum(_block_max(xb), jnp.float32(_TINY))
+            scale = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY))
             return quantize4(xb / scale[..., None], table), scale
         # the zero-free map has no code for 0: an all-zero block keeps scale 0 and decodes to 0
         # exactly (as the rank-1 path does), so a fresh state is zero, not 1e-12 / 16
-        scale = _block_max(xb)
+        scale = _block_max(xb, tiled)
         safe = jnp.where(scale > 0, scale, 1.0)[..., None]
         return quantize4(jnp.where(scale[..., None] > 0, xb / safe, 0.0), table), scale
 

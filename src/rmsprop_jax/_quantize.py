@@ -168,8 +168,9 @@ def _blocks(
 ) -> tuple[Array, int | tuple[int, int]]:
     """``x`` as ``(..., n_blocks, block_size)``, zero-padded; returns it and the padded length.
 
-    Tiles (``axis=TILES``, rank >= 2): ``(..., n_tile_rows, n_tile_cols, block_size)``, each tile
-    read row-major, and ``(rows, cols)`` in place of the length.
+    Tiles (``axis=TILES``, rank >= 2): ``(..., n_tile_rows, th, n_tile_cols, tw)``, a view of ``x``
+    in its own layout (no transpose: a tile is the pair of axes ``(-3, -1)``, :func:`block_max`),
+    and ``(rows, cols)`` in place of the length.
 
     ``plan``: under explicit sharding (:func:`_plan`), ``x`` is resharded to ``plan.work`` and
     every reshape states its output's sharding; ``None``: the program without sharding types.
@@ -195,30 +196,43 @@ def _blocks(
 
 
 def _tiles(x: Array, block_size: int, plan: _Plan | None) -> Array:
-    """``(..., R, C)`` as ``(..., ceil(R / th), ceil(C / tw), th * tw)``: :func:`_blocks`' tiles."""
+    """``(..., R, C)`` zero-padded as ``(..., ceil(R / th), th, ceil(C / tw), tw)``, no transpose."""
     th, tw = tile_shape(block_size)
     *lead, r, c = x.shape
     nr, nc = -(-r // th), -(-c // tw)
     if nr * th - r or nc * tw - c:
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nr * th - r), (0, nc * tw - c)])
-    x = _reshape(x, (*lead, nr, th, nc, tw), plan, plan and _tile_spec(plan.blocks))
-    x = jnp.swapaxes(x, -3, -2)  # (..., nr, nc, th, tw): a transpose of the shard-local dims only
-    return _reshape(x, (*lead, nr, nc, th * tw), plan, plan and plan.blocks)
+    return _reshape(x, (*lead, nr, th, nc, tw), plan, plan and _tile_spec(plan.blocks))
 
 
 def _tile_spec(blocks: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The spec of ``(..., nr, th, nc, tw)`` from that of the tiles ``(..., nr, nc, th * tw)``."""
+    """The spec of the tiles ``(..., nr, th, nc, tw)`` from ``blocks`` (``blocks[:-1]``: ``absmax``'s)."""
     return (*blocks[:-3], blocks[-3], None, blocks[-2], None)
 
 
+def block_max(xb: Array, tiled: bool = False) -> Array:
+    """``max |x|`` per block of :func:`_blocks`' view, NaN counted as 0: over the last axis, or for
+    tiles over ``(-3, -1)``, kept as ``(..., nr, 1, nc)`` so that ``m[..., None]`` broadcasts over
+    the tiles as over blocks (:func:`block_scale` gives ``absmax``'s ``(..., nr, nc)``)."""
+    a = jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb))
+    return jnp.max(a, axis=(-3, -1), keepdims=True)[..., 0] if tiled else jnp.max(a, axis=-1)
+
+
+def block_scale(m: Array, tiled: bool) -> Array:
+    """A per-block array of :func:`block_max`'s shape as ``absmax``'s (tiles: the kept axis dropped)."""
+    return m[..., 0, :] if tiled else m
+
+
+def per_block(scale: Array, tiled: bool) -> Array:
+    """:func:`block_scale` undone: ``absmax`` shaped so that ``scale[..., None]`` broadcasts over blocks."""
+    return scale[..., None, :] if tiled else scale
+
+
 def _unblock(xb: Array, n: int | tuple[int, int], shape: tuple[int, ...], plan: _Plan | None) -> Array:
-    """:func:`_blocks` undone: ``(..., n_blocks, block_size)`` back to ``shape`` (and its sharding)."""
+    """:func:`_blocks` undone: the blocks (or tiles) back to ``shape`` (and its sharding)."""
     if isinstance(n, tuple):  # tiles
-        (r, c), (th, tw) = n, tile_shape(xb.shape[-1])
-        *lead, nr, nc, _ = xb.shape
-        x = _reshape(xb, (*lead, nr, nc, th, tw), plan, plan and (*plan.blocks, None))
-        x = jnp.swapaxes(x, -3, -2)
-        x = _reshape(x, (*lead, nr * th, nc * tw), plan, plan and plan.work)
+        (r, c), (*lead, nr, th, nc, tw) = n, xb.shape
+        x = _reshape(xb, (*lead, nr * th, nc * tw), plan, plan and plan.work)
         x = x if (nr * th, nc * tw) == (r, c) else x[..., :r, :c]
     else:
         x = _reshape(xb, (*xb.shape[:-2], xb.shape[-2] * xb.shape[-1]), plan, plan and plan.blocks[:-1])
@@ -408,8 +422,9 @@ def quantize_blockwise(
     shape = x.shape
     plan = _plan(x, block_size, axis)
     xb, n = _blocks(x.astype(jnp.float32), block_size, axis, plan)
-    codes, absmax = quantize_blocks(xb, _lookup(jnp.asarray(_lut_np(bool(signed))), plan))
-    return _unblock(codes, n, shape, plan), absmax
+    tiled = isinstance(n, tuple)
+    codes, absmax = quantize_blocks(xb, _lookup(jnp.asarray(_lut_np(bool(signed))), plan), tiled)
+    return _unblock(codes, n, shape, plan), block_scale(absmax, tiled)
 
 
 def _lookup(table: Array, plan: _Plan | None) -> Any:
@@ -419,14 +434,15 @@ def _lookup(table: Array, plan: _Plan | None) -> Any:
     return lambda i: table.at[i].get(out_sharding=jax.typeof(i).sharding)
 
 
-def quantize_blocks(xb: Array, lut_lookup: Any) -> tuple[Array, Array]:
-    """The quantizer on float32 blocks ``(..., n_blocks, block_size)``: codes of that shape and ``absmax``.
+def quantize_blocks(xb: Array, lut_lookup: Any, tiled: bool = False) -> tuple[Array, Array]:
+    """The quantizer on float32 blocks ``(..., n_blocks, block_size)`` (or :func:`_blocks`' tiles,
+    ``tiled``): codes of that shape and ``absmax`` (:func:`block_max`'s shape).
 
     ``lut_lookup(k)`` returns ``_lut_np(signed)[k]`` for an int32 array ``k`` (an XLA
     gather here, a table read inside the fused kernel of :mod:`rmsprop_jax._pallas_int8`).
     """
     # std::max(a, |NaN|) keeps a in the C kernel: NaN does not enter absmax (and codes as 0).
-    absmax = jnp.max(jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb)), axis=-1)
+    absmax = block_max(xb, tiled)
     inv = (jnp.float32(1.0) / absmax)[..., None]  # inf where absmax == 0: masked below
     v = jnp.clip(xb * inv, -1.0, 1.0)
     # Each operation rounded to float32 on its own, as the C kernel evaluates it:
@@ -443,7 +459,7 @@ def quantize_blocks(xb: Array, lut_lookup: Any) -> tuple[Array, Array]:
 
 
 def dequantize_blocks(cb: Array, absmax: Array, map_lookup: Any) -> Array:
-    """``map_lookup(codes) * absmax`` on blocks ``(..., n_blocks, block_size)`` (:func:`quantize_blocks`)."""
+    """``map_lookup(codes) * absmax[..., None]`` on :func:`quantize_blocks`' blocks and ``absmax``."""
     return map_lookup(cb.astype(jnp.int32)) * absmax[..., None]
 
 
@@ -466,7 +482,8 @@ def dequantize_blockwise(
     absmax = jnp.asarray(absmax, jnp.float32)
     if plan is not None:
         absmax = jax.sharding.reshard(absmax, plan.sharding(plan.blocks[:-1]))
-    out = dequantize_blocks(cb, absmax, _lookup(jnp.asarray(_dynamic_map_np(bool(signed))), plan))
+    table = _lookup(jnp.asarray(_dynamic_map_np(bool(signed))), plan)
+    out = dequantize_blocks(cb, per_block(absmax, isinstance(n, tuple)), table)
     return _unblock(out, n, shape, plan).astype(dtype)
 
 

@@ -26,19 +26,24 @@ from jax.sharding import PartitionSpec as P
 import rmsprop_jax
 from sharding_check import COLLECTIVE
 
+# The quantized formats with layout="rows" pinned: this check is about the rows (and flat) layout's
+# resharding where shards cut its blocks. The default layout="auto" would give the column-sharded
+# "w" tiles (no collective): that rule is checked in tests/tiles_check.py.
+ROWS = {"int8": rmsprop_jax.Int8(layout="rows"), "int4": rmsprop_jax.Int4(layout="rows")}
+ROWS["fp8"] = rmsprop_jax.Fp8(layout="rows")
 FORMATS = {
     "float32": dict(accumulator_dtype=jnp.float32),
     "centered_momentum_wd": dict(
         centered=True, momentum=0.9, weight_decay=1e-2, accumulator_dtype=jnp.float32
     ),
     "bf16_stochastic": dict(accumulator_dtype=jnp.bfloat16),
-    "int8": dict(accumulator_dtype="int8"),
-    "int8_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype="int8"),
+    "int8": dict(accumulator_dtype=ROWS["int8"]),
+    "int8_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype=ROWS["int8"]),
     "int8_flat": dict(accumulator_dtype=rmsprop_jax.Int8(layout="flat")),
-    "int4": dict(accumulator_dtype="int4"),
-    "int4_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype="int4"),
-    "fp8": dict(accumulator_dtype="fp8"),
-    "fp8_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype="fp8"),
+    "int4": dict(accumulator_dtype=ROWS["int4"]),
+    "int4_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype=ROWS["int4"]),
+    "fp8": dict(accumulator_dtype=ROWS["fp8"]),
+    "fp8_centered_momentum": dict(centered=True, momentum=0.9, accumulator_dtype=ROWS["fp8"]),
 }
 # Leaves: "w" (64-column shards when columns are sharded: blocks of 256 straddle them), "v"
 # (256-column shards: one whole block each), "b" (below Int8's min_size: float32 state).

@@ -34,6 +34,7 @@ FORMATS = {
     "bf16": jnp.bfloat16,
     "int8": "int8",
     "int8_flat": rmsprop_jax.Int8(layout="flat"),
+    "int8_rows": rmsprop_jax.Int8(layout="rows"),  # pinned: where column shards cut blocks
     "int8_centered_momentum": "int8",  # nu, mu and the momentum buffer: three 8-bit leaves
     "int4": "int4",  # nu rank-1: codes and one statistics vector per axis
     "int4_centered_momentum": "int4",  # mu and the momentum buffer in blocks of 128
@@ -41,7 +42,7 @@ FORMATS = {
     "fp8_centered_momentum": "fp8",
 }
 OPTIONS = {f: dict(centered=True, momentum=0.9) for f in FORMATS if f.endswith("_centered_momentum")}
-ONE_SHAPE = tuple(OPTIONS)  # its mu and momentum buffer: as nu, at one shape (time)
+ONE_SHAPE = (*OPTIONS, "int8_rows")  # its mu and momentum buffer: as nu, at one shape (time)
 # 2, 4 and 16 blocks of 256 per row: the per-row absmax (256, 2) cannot take the kernel's
 # P("a", "b") ("b" has 4 devices), nor the flat absmax (rows x blocks,) of any shape (one axis).
 SHAPES = ((256, 512), (256, 1024), (256, 4096))
@@ -70,8 +71,19 @@ def _step(model, optimizer, g):
     optimizer.update(model, nnx.grad(loss)(model))
 
 
-def _train(shape, fmt, specs, lr, gs):
-    """The guide's pattern; with ``specs=None`` the same steps without partitioning (no mesh)."""
+def _reference(fmt, shape):
+    """The format of the steps without a mesh: the layout ``layout="auto"`` gives the sharded leaves,
+    tiles where the 4 column shards cut row blocks (Int8/Fp8 at 512 columns), else rows."""
+    acc = FORMATS[fmt]
+    cls = {"int8": rmsprop_jax.Int8, "int4": rmsprop_jax.Int4, "fp8": rmsprop_jax.Fp8}.get(str(acc))
+    if cls is None:
+        return acc
+    return cls(layout="tiles" if (shape[1] // 4) % cls().block_size else "rows")
+
+
+def _train(shape, fmt, specs, lr, gs, acc=None):
+    """The guide's pattern; with ``specs=None`` the same steps without partitioning (no mesh), with
+    ``acc`` as the accumulator format (default: the format's own)."""
 
     @nnx.jit
     def create():
@@ -88,7 +100,9 @@ def _train(shape, fmt, specs, lr, gs):
 
     model = create()
     optimizer = nnx.Optimizer(
-        model, rmsprop_jax.rmsprop(lr, accumulator_dtype=FORMATS[fmt], **OPTIONS.get(fmt, {})), wrt=nnx.Param
+        model,
+        rmsprop_jax.rmsprop(lr, accumulator_dtype=acc or FORMATS[fmt], **OPTIONS.get(fmt, {})),
+        wrt=nnx.Param,
     )
     if specs is not None:
         shard(optimizer)
@@ -147,10 +161,10 @@ def main() -> dict:
         for fmt in FORMATS:
             if fmt in ONE_SHAPE and shape != SHAPES[0]:
                 continue
-            ref = _bits(*_train(shape, fmt, None, LR, gs)[:2])
+            ref = _bits(*_train(shape, fmt, None, LR, gs, _reference(fmt, shape))[:2])
             wrong = None
             if fmt == "int8" and shape == SHAPES[0]:  # the contrast: another learning rate
-                wrong = _bits(*_train(shape, fmt, None, WRONG_LR, gs)[:2])
+                wrong = _bits(*_train(shape, fmt, None, WRONG_LR, gs, _reference(fmt, shape))[:2])
             for tname, axis_type in AXIS_TYPES.items():
                 case = {"format": fmt, "shape": list(shape), "axis_type": tname, "error": None}
                 cases.append(case)

@@ -127,7 +127,7 @@ def test_fp8_nearest_codes_and_dequantization_equal_torchao(shape: tuple, seed: 
     codes, scale = _torchao_fp8(x)
     ours, our_scale = lb.quantize_fp8(jnp.asarray(x), block_size=256, axis=None)
     assert _mismatches(ours, codes) == 0
-    # the scale max / 448: XLA:CPU's float32 division is not correctly rounded (PyTorch's is), so
+    # the scale max / 448: XLA's simplifier makes it max * (1/448), inexact (PyTorch divides), so
     # about half the blocks' scales are one ulp apart; never more
     our_scale = np.asarray(our_scale)
     np.testing.assert_array_max_ulp(our_scale, scale, maxulp=1)

@@ -3,7 +3,7 @@
 ``nnx.Optimizer`` gives every state leaf under a parameter that parameter's ``out_sharding``
 and shards it at construction; an 8-bit leaf's ``absmax`` (one per block) could not take the
 kernel's ``P("a", "b")`` where its dimensions do not divide. The checks run in one fresh process
-(``tests/nnx_partitioning_check.py``, launched like ``tests/sharding_check.py``): 9 formats x 3
+(``tests/nnx_partitioning_check.py``, launched like ``tests/sharding_check.py``): 10 formats x 3
 kernel shapes x {Auto, Explicit} meshes (the 8-bit, 4-bit and FP8 formats plain at three shapes,
 centered with momentum at one shape), each
 following the Flax NNX sharding guide, with a kernel partitioned ``("a", "b")`` and a weight
@@ -23,6 +23,7 @@ FORMATS = (
     "bf16",
     "int8",
     "int8_flat",
+    "int8_rows",
     "int8_centered_momentum",
     "int4",
     "int4_centered_momentum",
@@ -31,7 +32,7 @@ FORMATS = (
 )
 SHAPES = ([256, 512], [256, 1024], [256, 4096])
 AXIS_TYPES = ("auto", "explicit")
-ONE_SHAPE = tuple(f for f in FORMATS if f.endswith("_centered_momentum"))  # at the first shape only
+ONE_SHAPE = tuple(f for f in FORMATS if f.endswith(("_centered_momentum", "_rows")))  # first shape only
 MATRIX = [
     (f, s, t) for f in FORMATS for s in SHAPES for t in AXIS_TYPES if f not in ONE_SHAPE or s == SHAPES[0]
 ]
@@ -77,8 +78,13 @@ def test_params_and_state_equal_the_steps_without_a_mesh_bit_for_bit(cases, fmt,
 
 def _expected_absmax(name, fmt, shape, axis_type) -> list:
     """absmax's [shape, spec]: it divides, and stays with its parameter's shards (Auto) or where
-    the quantizer puts it (Explicit: the column axis moves to the rows where shards cut blocks)."""
+    the quantizer puts it (Explicit: the column axis moves to the rows where shards cut blocks).
+    The default layout="auto" tiles (16 x 16) a leaf whose column shards cut its row blocks: its
+    absmax takes the parameter's own spec."""
     blocks, explicit = shape[1] // 256, axis_type == "explicit"
+    param = "P('a', 'b')" if name == "kernel" else "P(None, 'b')"
+    if fmt not in ("int8_flat", "int8_rows") and blocks % 4:
+        return [[shape[0] // 16, shape[1] // 16], param]
     if fmt == "int8_flat":
         if name == "kernel":
             return [[shape[0] * blocks], "P(('a', 'b'),)" if explicit else "P('a',)"]

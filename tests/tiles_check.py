@@ -62,16 +62,20 @@ def _one_device(fmt, layout, dtype, centered):
     return (w0, g0, *jax.jit(opt.update)({"w": g0}, opt.init({"w": w0}), {"w": w0}))
 
 
-def run(fmt, layout, spec_name, mode, dtype, centered):
+def run(fmt, layout, spec_name, mode, dtype, centered, ref_layout=None):
+    """One jitted update on 8 devices against one device with ``ref_layout`` (default ``layout``).
+    ``layout="auto"`` reads the parameter's sharding at ``init``: under an Auto mesh only an eager
+    ``init`` sees it (a tracer carries none), so that case inits eagerly."""
     at = AxisType.Explicit if mode == "explicit" else AxisType.Auto
     mesh = _mesh(spec_name, at)
     opt = _opt(fmt, layout, centered)
-    w0, g0, ref_u, ref_s = _one_device(fmt, layout, dtype, centered)
+    w0, g0, ref_u, ref_s = _one_device(fmt, ref_layout or layout, dtype, centered)
     sh = NamedSharding(mesh, SPECS[spec_name])
     w, g = jax.device_put(w0, sh), jax.device_put(g0, sh)
     ctx = jax.set_mesh(mesh) if mode == "explicit" else contextlib.nullcontext()
     with ctx:
-        s = jax.jit(opt.init)({"w": w})
+        init = opt.init if layout == "auto" and mode == "auto" else jax.jit(opt.init)
+        s = init({"w": w})
         upd = jax.jit(opt.update).lower({"w": g}, s, {"w": w}).compile()
         u, s2 = upd({"w": g}, s, {"w": w})
     same = bool(np.array_equal(np.asarray(u["w"]), np.asarray(ref_u["w"]))) and all(
@@ -115,5 +119,12 @@ for mode in ("auto", "explicit"):
             key = f"tiles/{fmt}/{mode}/{spec_name}/{jnp.dtype(dtype).name}/{variant}"
             report[key] = run(fmt, "tiles", spec_name, mode, dtype, centered)
     report[f"rows/int8/{mode}/cols/float32/plain"] = run("int8", "rows", "cols", mode, jnp.float32, False)
+    # layout="auto" (the default): rows where row blocks fit the shards (a (256, 128) leaf's 128-wide
+    # rows are one block each), else tiles; compared with one device in the layout the rule names
+    for spec_name in SPECS:
+        for fmt in ("int8", "fp8"):
+            want = "tiles" if spec_name in ("cols", "2d") else "rows"
+            key = f"auto/{fmt}/{mode}/{spec_name}/float32/plain"
+            report[key] = run(fmt, "auto", spec_name, mode, jnp.float32, False, want) | {"want": want}
 report["warning"] = narrow_shards_warning()
 print("TILES_REPORT " + json.dumps(report))

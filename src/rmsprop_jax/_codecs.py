@@ -256,8 +256,9 @@ def restore_quantized(tree: Any, like: Any, codec_for: Any) -> Any:
     ``nnx.state``, which turns every pytree node below a Variable into an ``nnx.State`` mapping
     with the same keys; on the next step ``update`` receives ``State(absmax=..., codes=...)``
     where it returned a ``QuantizedLeaf``. The static scheme comes from the format:
-    ``codec_for(shape)`` is the codec of a parameter of ``shape``, read from ``like`` (the
-    gradient tree, whose leaves have the parameters' shapes; 4-bit codes are packed).
+    ``codec_for(shape, absmax_shape)`` is the codec of a parameter of ``shape`` (read from ``like``,
+    the gradient tree, whose leaves have the parameters' shapes; 4-bit codes are packed) whose
+    stored ``absmax`` has ``absmax_shape`` (which tells ``layout="auto"``'s rows from tiles).
     """
     if tree is None:
         return None
@@ -267,7 +268,7 @@ def restore_quantized(tree: Any, like: Any, codec_for: Any) -> Any:
 
     def back(g: Any, x: Any) -> Any:
         if _is_stored_quantized(x) and not is_quantized(x):
-            return codec_for(tuple(jnp.shape(g))).leaf(x["codes"], x["absmax"])
+            return codec_for(tuple(jnp.shape(g)), tuple(jnp.shape(x["absmax"]))).leaf(x["codes"], x["absmax"])
         return x
 
     try:

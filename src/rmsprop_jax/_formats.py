@@ -28,7 +28,7 @@ from rmsprop_jax._codecs import PLAIN, Codec, Nearest, Quantized, Stochastic
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROUNDINGS = ("stochastic", "nearest", "optax")
 FP8_ROUNDINGS = ("stochastic", "nearest")
-LAYOUTS = ("rows", "flat", "tiles")
+LAYOUTS = ("auto", "rows", "flat", "tiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +72,10 @@ class Float:
         """Whether ``rms_leaf`` computes in the accumulators' own dtype (``rounding="optax"``)."""
         return self.rounding == "optax"
 
-    def codec(self, shape: tuple[int, ...], dtype: Any, role: str = "nu") -> Codec:
+    def codec(self, shape: tuple[int, ...], dtype: Any, role: str = "nu", like: Any = None) -> Codec:
         """The codec of an accumulator of ``shape`` whose float dtype is ``dtype`` (``role``:
-        ``"nu"`` for the second moment, ``"acc"`` for the first moment and momentum)."""
+        ``"nu"`` for the second moment, ``"acc"`` for the first moment and momentum; ``like``,
+        its parameter, is for the quantized formats' layout)."""
         dt = jnp.dtype(dtype)
         if dt not in _LOW or self.rounding == "optax":
             return PLAIN
@@ -91,13 +92,14 @@ class _Blockwise:
     seed = 0
     rounding = "nearest"
 
-    def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
+    def quantized(self, shape: tuple[int, ...], role: str, like: Any = None) -> Quantized:
         raise NotImplementedError
 
-    def codec(self, shape: tuple[int, ...], dtype: Any, role: str = "nu") -> Codec:
-        """The codec of an accumulator of ``shape`` and float ``dtype`` (``role``: ``"nu"`` or ``"acc"``)."""
+    def codec(self, shape: tuple[int, ...], dtype: Any, role: str = "nu", like: Any = None) -> Codec:
+        """The codec of an accumulator of ``shape`` and float ``dtype`` (``role``: ``"nu"`` or
+        ``"acc"``); ``like``: its parameter, whose sharding ``layout="auto"`` reads (``None``: unknown)."""
         if math.prod(shape) >= max(self.min_size, 1) and not jnp.issubdtype(dtype, jnp.complexfloating):
-            return self.quantized(tuple(shape), role)
+            return self.quantized(tuple(shape), role, like)
         return PLAIN
 
 
@@ -114,7 +116,12 @@ class Int8(_Blockwise):
       block_size: elements per block, each with its own float32 ``absmax`` (bitsandbytes: 256).
       min_size: leaves with fewer elements keep float32 accumulators (bitsandbytes'
         ``min_8bit_size``: 4096); complex leaves do too.
-      layout: ``"rows"``: blocks along the last axis, each row cut on its own (the last block of a
+      layout: ``"auto"`` (default): ``"rows"``, unless the parameter's sharding as ``init`` sees it
+        (a concrete or ``jax.ShapeDtypeStruct`` array's ``NamedSharding``, or its type under an
+        ``AxisType.Explicit`` mesh; a tracer of an ``AxisType.Auto`` mesh shows none) splits the
+        last axis into shards that cut row blocks and 2-D tiles fit its shards: then ``"tiles"``
+        (where neither fits, ``init`` warns, naming the leaf). The layout is stored in each leaf.
+        ``"rows"``: blocks along the last axis, each row cut on its own (the last block of a
         row may be short), so that blocks never straddle shards of an array sharded along a
         leading axis (or along the last one in multiples of ``block_size``) and the update needs
         no communication; equal to bitsandbytes whenever the last dimension is a multiple of
@@ -139,7 +146,7 @@ class Int8(_Blockwise):
 
     block_size: int = 256
     min_size: int = 4096
-    layout: str = "rows"
+    layout: str = "auto"
     signed: bool = True
 
     def __post_init__(self) -> None:
@@ -150,13 +157,31 @@ class Int8(_Blockwise):
     def axis(self) -> _quantize.Axis:
         return _quantize.layout_axis(self.layout)
 
-    def quantized(self, shape: tuple[int, ...] = (), role: str = "nu") -> Quantized:
-        return Quantized(self.block_size, self.signed, leaf_layout(self.layout, shape))
+    def quantized(self, shape: tuple[int, ...] = (), role: str = "nu", like: Any = None) -> Quantized:
+        return Quantized(self.block_size, self.signed, leaf_layout(self.layout, shape, self.block_size, like))
 
 
-def leaf_layout(layout: str, shape: tuple[int, ...]) -> str:
-    """The layout a leaf of ``shape`` gets: ``"tiles"`` needs two axes (a vector's tiles are its rows)."""
+def leaf_layout(layout: str, shape: tuple[int, ...], block_size: int, like: Any = None) -> str:
+    """The layout a leaf of ``shape`` gets: ``"tiles"`` needs two axes (a vector's tiles are its
+    rows); ``"auto"`` is ``"tiles"`` where ``like``'s known sharding cuts row blocks and tiles fit
+    its shards, else ``"rows"``."""
+    if layout == "auto":
+        return "rows" if like is None else _quantize.auto_layout(like, block_size)
     return "rows" if layout == "tiles" and len(shape) < 2 else layout
+
+
+def stored_layout(codec: Codec, fmt: Any, shape: tuple[int, ...], absmax_shape: tuple[int, ...]) -> Codec:
+    """``codec`` (of a parameter of ``shape``) with the layout ``layout="auto"`` gave a stored leaf
+    whose ``absmax`` has ``absmax_shape``: a leaf that lost its metadata (through ``nnx.state``)
+    keeps its arrays, and tiles' ``absmax`` is ``(..., ceil(R / th), ceil(C / tw))``, not rows'."""
+    if not isinstance(codec, Quantized) or getattr(fmt, "layout", None) != "auto" or codec.layout != "rows":
+        return codec
+    rows = _quantize.absmax_shape(shape, codec.block_size, codec.axis)
+    tiles = dataclasses.replace(codec, layout="tiles")
+    if len(shape) >= 2 and tuple(absmax_shape) != rows:
+        if tuple(absmax_shape) == _quantize.absmax_shape(shape, codec.block_size, tiles.axis):
+            return tiles
+    return codec
 
 
 def _check_blocks(fmt: Any, paper: str) -> None:
@@ -186,7 +211,7 @@ class Int4(_Blockwise):
       block_size: elements per block (lpmm and torchao: 128).
       min_size: leaves with fewer elements keep float32 accumulators (lpmm: 4096); complex
         leaves do too.
-      layout: the blocks' layout, as :class:`Int8`'s (``"rows"`` or ``"flat"``).
+      layout: the blocks' layout, as :class:`Int8`'s (``"auto"``, ``"rows"``, ``"flat"`` or ``"tiles"``).
       rank1: rank-1 normalization of the second moment of matrices (``False``: blocks).
 
     Example:
@@ -198,16 +223,19 @@ class Int4(_Blockwise):
 
     block_size: int = 128
     min_size: int = 4096
-    layout: str = "rows"
+    layout: str = "auto"
     rank1: bool = True
 
     def __post_init__(self) -> None:
         _check_blocks(self, "lpmm and torchao: 128")
         _validate.boolean("rank1", self.rank1)
 
-    def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
+    def quantized(self, shape: tuple[int, ...], role: str, like: Any = None) -> Quantized:
         signed = role != "nu"
-        layout = "rank1" if not signed and self.rank1 and len(shape) >= 2 else leaf_layout(self.layout, shape)
+        if not signed and self.rank1 and len(shape) >= 2:
+            layout = "rank1"
+        else:
+            layout = leaf_layout(self.layout, shape, self.block_size, like)
         return Quantized(self.block_size, signed, layout, "int4", shape=tuple(shape))
 
 
@@ -225,7 +253,7 @@ class Fp8(_Blockwise):
     Attributes:
       block_size: elements per block (torchao: 256).
       min_size: leaves with fewer elements keep float32 accumulators (torchao: 4096).
-      layout: the blocks' layout, as :class:`Int8`'s (``"rows"`` or ``"flat"``).
+      layout: the blocks' layout, as :class:`Int8`'s (``"auto"``, ``"rows"``, ``"flat"`` or ``"tiles"``).
       rounding: ``"stochastic"`` (default): rounded up with probability equal to the remainder
         (unbiased; e4m3 keeps 3 mantissa bits, so under round to nearest an accumulator stalls
         once its per-step change falls below ~6 % of its value); ``"nearest"``: torchao's cast.
@@ -242,7 +270,7 @@ class Fp8(_Blockwise):
 
     block_size: int = 256
     min_size: int = 4096
-    layout: str = "rows"
+    layout: str = "auto"
     rounding: str = "stochastic"
     seed: int = 0
 
@@ -251,8 +279,9 @@ class Fp8(_Blockwise):
         _validate.choice("rounding", self.rounding, FP8_ROUNDINGS)
         _validate.integer("seed", self.seed, 0, 2**32, "an integer in [0, 2**32)")
 
-    def quantized(self, shape: tuple[int, ...], role: str) -> Quantized:
-        return Quantized(self.block_size, role != "nu", leaf_layout(self.layout, shape), "fp8", self.rounding)
+    def quantized(self, shape: tuple[int, ...], role: str, like: Any = None) -> Quantized:
+        layout = leaf_layout(self.layout, shape, self.block_size, like)
+        return Quantized(self.block_size, role != "nu", layout, "fp8", self.rounding)
 
 
 Format = Float | Int8 | Int4 | Fp8

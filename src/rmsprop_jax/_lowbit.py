@@ -187,7 +187,7 @@ def quantize_fp8(
     """
 
     def encode(xb: Array, bb: Array | None, tiled: bool) -> tuple[Array, Array]:
-        # XLA:CPU's float32 division is not correctly rounded: this scale is one ulp off
+        # XLA's simplifier rewrites a / broadcast(448) as a * (1 / 448): this scale is one ulp off
         # torchao's (PyTorch divides exactly) in about half the blocks; the codes agree
         scale = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY)) / jnp.float32(FP8_MAX)
         v = xb / scale[..., None]
@@ -248,8 +248,10 @@ def rank1_stats(x: Array) -> list[Array]:
     """For each axis ``d``, the maximum of ``|x|`` over every other axis (lpmm's ``get_sm3_statistics``)."""
     a = jnp.where(jnp.isnan(x), 0.0, jnp.abs(x.astype(jnp.float32)))
     stats = [jnp.max(a, axis=tuple(i for i in range(x.ndim) if i != d)) for d in range(x.ndim)]
-    if _quantize.explicit_sharding(x) is not None:  # a small replicated vector per axis
-        stats = [jax.sharding.reshard(s, jax.sharding.PartitionSpec()) for s in stats]
+    sharding = _quantize.explicit_sharding(x)
+    if sharding is not None:  # a small replicated vector per axis (named: eager arrays have no mesh context)
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        stats = [jax.sharding.reshard(s, replicated) for s in stats]
     return stats
 
 

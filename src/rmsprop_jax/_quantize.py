@@ -349,19 +349,51 @@ def tile_fit(spec: tuple[Any, ...], shape: tuple[int, ...], sizes: Any, block_si
     )
 
 
-def unfit_tiles(x: Any, block_size: int) -> str | None:
-    """Why the shards of ``x`` (rank >= 2) do not hold whole tiles, or ``None`` where they do or
-    its sharding is not known: read from its type (explicit sharding) or, for a concrete array or
-    ``jax.ShapeDtypeStruct``, its ``NamedSharding`` (a tracer of an ``AxisType.Auto`` mesh has none)."""
+def known_spec(x: Any) -> tuple[tuple[Any, ...], dict[Any, int]] | None:
+    """``(spec, mesh sizes)`` of ``x``'s sharding where it is known, one spec entry per dimension:
+    read from its type (explicit sharding) or, for a concrete array or ``jax.ShapeDtypeStruct``,
+    its ``NamedSharding``; ``None`` where it is not known (a tracer of an ``AxisType.Auto`` mesh)
+    or names axes the mesh lacks."""
     sharding = explicit_sharding(x)
     if sharding is None and not isinstance(x, jax.core.Tracer):
         sharding = getattr(x, "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    sizes = dict(getattr(mesh, "shape", None) or {})
+    sizes = dict(getattr(getattr(sharding, "mesh", None), "shape", None) or {})
     shape = tuple(x.shape)
     spec = (tuple(getattr(sharding, "spec", None) or ()) + (None,) * len(shape))[: len(shape)]
-    if len(shape) < 2 or not all(a in sizes for e in spec[-2:] for a in mesh_axis_names(e)):
+    if not sizes or not all(a in sizes for e in spec for a in mesh_axis_names(e)):
         return None
+    return spec, sizes
+
+
+def unfit_rows(x: Any, block_size: int) -> str | None:
+    """Why the shards of ``x`` cut its row blocks (the last dimension is split into shards that are
+    not whole multiples of ``block_size``), or ``None`` where they do not or the sharding is not known."""
+    known = known_spec(x)
+    if known is None or not x.shape or known[0][-1] is None:
+        return None
+    (*_, e), sizes = known
+    n, k = x.shape[-1], shard_count(e, sizes)
+    if n % (k * block_size) == 0:
+        return None
+    return f"{n} columns over {k} shards ({e!r}) do not make whole blocks of {block_size}"
+
+
+def auto_layout(x: Any, block_size: int) -> str:
+    """The layout ``layout="auto"`` gives a leaf shaped and sharded as ``x``: ``"rows"`` unless its
+    known sharding cuts row blocks and 2-D tiles fit its shards, then ``"tiles"``."""
+    if len(x.shape) < 2 or unfit_rows(x, block_size) is None or unfit_tiles(x, block_size):
+        return "rows"
+    return "tiles"
+
+
+def unfit_tiles(x: Any, block_size: int) -> str | None:
+    """Why the shards of ``x`` (rank >= 2) do not hold whole tiles, or ``None`` where they do or
+    its sharding is not known (see :func:`known_spec`)."""
+    known = known_spec(x)
+    shape = tuple(x.shape)
+    if len(shape) < 2 or known is None:
+        return None
+    spec, sizes = known
     fit = tile_fit(spec[-2:], shape[-2:], sizes, block_size)
     bad = []
     for label, e, f, n, t in zip(

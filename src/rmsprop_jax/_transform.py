@@ -32,7 +32,7 @@ from rmsprop_jax._codecs import (
     restore_quantized,
     stored_shape,
 )
-from rmsprop_jax._formats import Format, is_quantized_format, resolve
+from rmsprop_jax._formats import Format, is_quantized_format, resolve, stored_layout
 from rmsprop_jax._update import Flags, Scalars
 
 ScalarOrSchedule: TypeAlias = float | jax.Array | optax.Schedule
@@ -104,7 +104,7 @@ def _init_state(
     nus, mus, traces = [], [], []
 
     def new(p: Any, value: Any, dtype: Any, role: str) -> Any:
-        codec = fmt.codec(tuple(p.shape), dtype, role)
+        codec = fmt.codec(tuple(p.shape), dtype, role, like=p)
         if codec is PLAIN:
             return _full_like_param(p, value, dtype)
         return codec.init(_full_like_param(p, value, jnp.float32))
@@ -112,7 +112,8 @@ def _init_state(
     for path, p in paths_leaves:
         nu_dt, acc_dt = _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype)
         roles = [("nu", nu_dt)] + ([("acc", acc_dt)] if centered or momentum else [])
-        _warn_unfit_tiles(path, p, [fmt.codec(tuple(p.shape), dt, role) for role, dt in roles])
+        codecs = [fmt.codec(tuple(p.shape), dt, role, like=p) for role, dt in roles]
+        _warn_unfit_blocks(path, p, codecs, getattr(fmt, "layout", ""))
         nus.append(new(p, initial_scale, nu_dt, "nu"))
         if centered:
             mus.append(new(p, 0, acc_dt, "acc"))
@@ -132,21 +133,29 @@ def _init_state(
     )
 
 
-def _warn_unfit_tiles(path: Any, p: Any, codecs: list[Codec]) -> None:
-    """Warn, naming the leaf, where the shards of a tiled leaf cut its tiles (the update gathers)."""
-    tiled = [c for c in codecs if isinstance(c, Quantized) and c.layout == "tiles"]
-    if not tiled:
-        return
-    codec = tiled[0]
-    why = _quantize.unfit_tiles(p, codec.block_size)
-    if why:
-        warnings.warn(
-            f"params leaf {jax.tree_util.keystr(path) or '<root>'} {tuple(p.shape)}: layout='tiles' cannot "
-            f"keep its {'x'.join(map(str, _quantize.tile_shape(codec.block_size)))} tiles inside its shards "
-            f"({why}); every update gathers it along that dimension. Shard it in multiples of the tile, or "
-            "choose a block_size whose tile fits.",
-            stacklevel=4,
-        )
+def _warn_unfit_blocks(path: Any, p: Any, codecs: list[Codec], chosen: str) -> None:
+    """Warn, naming the leaf, where the known shards of ``p`` cut its blocks or tiles, so that every
+    update gathers it; ``chosen``: the format's layout (``"auto"`` cuts only where neither fits)."""
+    for codec in codecs:
+        if not isinstance(codec, Quantized) or codec.layout not in ("rows", "tiles"):
+            continue
+        bs, tile = codec.block_size, "x".join(map(str, _quantize.tile_shape(codec.block_size)))
+        if codec.layout == "tiles":
+            why, what = _quantize.unfit_tiles(p, bs), f"layout='tiles' cannot keep its {tile} tiles"
+        else:
+            why, what = _quantize.unfit_rows(p, bs), f"layout='{chosen}' cannot keep its blocks of {bs}"
+            if why and len(p.shape) >= 2:
+                tiles = _quantize.unfit_tiles(p, bs)
+                why += f"; {tile} tiles do not fit either ({tiles})" if tiles else "; layout='tiles' fits"
+        if why:
+            leaf = jax.tree_util.keystr(path) or "<root>"
+            warnings.warn(
+                f"params leaf {leaf} {tuple(p.shape)}: {what} inside its shards ({why}); every update "
+                "gathers it along that dimension. Shard it in multiples of the block or tile, or "
+                "choose a block_size that fits.",
+                stacklevel=4,
+            )
+            return
 
 
 def _full_like_param(p: Any, value: Any, dtype: Any) -> jax.Array:
@@ -361,7 +370,11 @@ def _build(c: _Config) -> optax.GradientTransformationExtraArgs:
         # 1. restore the state: a state that went through Flax NNX's Optimizer holds mappings.
         received = state
         if is_quantized_format(c.fmt):
-            codec_for = lambda role: lambda shape: c.fmt.codec(shape, jnp.float32, role)
+            codec_for = lambda role: (
+                lambda shape, absmax: stored_layout(
+                    c.fmt.codec(shape, jnp.float32, role), c.fmt, shape, absmax
+                )
+            )
             state = state._replace(
                 nu=restore_quantized(state.nu, updates, codec_for("nu")),
                 mu=restore_quantized(state.mu, updates, codec_for("acc")),

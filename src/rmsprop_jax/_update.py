@@ -18,8 +18,8 @@ this function line by line against the docs' "The update and every option" page 
       (the update is b, or u + m * b with nesterov)
     u  <- u - lr * wd_decoupled * p            decoupled weight decay
 
-``c`` is the relative resolution of a lossy state storage (``_codecs.VARIANCE_FLOOR``:
-int8 2**-6, bfloat16 2**-7, float16 2**-10; 0 for float32/float64 state, which then compiles
+``c`` is the floor of a lossy state storage (``_codecs.VARIANCE_FLOOR``: int8, fp8 and int4
+2**-6, bfloat16 2**-7, float16 2**-10; 0 for float32/float64 state, which then compiles
 to the unfloored program): below ``c * nu^`` the difference ``nu^ - |mu^|^2`` is the rounding
 error of the stored ``nu`` and ``mu``, which otherwise reaches 0 where the gradient's mean
 dominates its noise and makes the step ``g / sqrt(eps)``. The floor bounds the step at

@@ -109,22 +109,28 @@ CASES = [  # (format, dtype, centered + momentum); each on every sharding, Auto 
     ("int4", jnp.float32, True),  # a rank-2 nu stays rank-1; mu and the momentum are tiled
 ]
 
-report: dict = {}
-for mode in ("auto", "explicit"):
-    for spec_name in SPECS:
-        for fmt, dtype, centered in CASES:
-            if spec_name == "repl" and fmt != "int8":  # nothing to gather: one format is enough
-                continue
-            variant = "centered" if centered else "plain"
-            key = f"tiles/{fmt}/{mode}/{spec_name}/{jnp.dtype(dtype).name}/{variant}"
-            report[key] = run(fmt, "tiles", spec_name, mode, dtype, centered)
-    report[f"rows/int8/{mode}/cols/float32/plain"] = run("int8", "rows", "cols", mode, jnp.float32, False)
-    # layout="auto" (the default): rows where row blocks fit the shards (a (256, 128) leaf's 128-wide
-    # rows are one block each), else tiles; compared with one device in the layout the rule names
-    for spec_name in SPECS:
-        for fmt in ("int8", "fp8"):
-            want = "tiles" if spec_name in ("cols", "2d") else "rows"
-            key = f"auto/{fmt}/{mode}/{spec_name}/float32/plain"
-            report[key] = run(fmt, "auto", spec_name, mode, jnp.float32, False, want) | {"want": want}
-report["warning"] = narrow_shards_warning()
-print("TILES_REPORT " + json.dumps(report))
+
+def main() -> dict:
+    report: dict = {}
+    for mode in ("auto", "explicit"):
+        for spec_name in SPECS:
+            for fmt, dtype, centered in CASES:
+                if spec_name == "repl" and fmt != "int8":  # nothing to gather: one format is enough
+                    continue
+                variant = "centered" if centered else "plain"
+                key = f"tiles/{fmt}/{mode}/{spec_name}/{jnp.dtype(dtype).name}/{variant}"
+                report[key] = run(fmt, "tiles", spec_name, mode, dtype, centered)
+        report[f"rows/int8/{mode}/cols/float32/plain"] = run("int8", "rows", "cols", mode, jnp.float32, False)
+        # layout="auto" (the default): rows where row blocks fit the shards (a (256, 128) leaf's
+        # 128-wide rows are one block each), else tiles; compared with one device in that layout
+        for spec_name in SPECS:
+            for fmt in ("int8", "fp8"):
+                want = "tiles" if spec_name in ("cols", "2d") else "rows"
+                key = f"auto/{fmt}/{mode}/{spec_name}/float32/plain"
+                report[key] = run(fmt, "auto", spec_name, mode, jnp.float32, False, want) | {"want": want}
+    report["warning"] = narrow_shards_warning()
+    return report
+
+
+if __name__ == "__main__":  # importable: tests/multiprocess_check.py uses _collectives
+    print("TILES_REPORT " + json.dumps(main()))

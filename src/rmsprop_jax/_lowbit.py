@@ -187,9 +187,11 @@ def quantize_fp8(
     """
 
     def encode(xb: Array, bb: Array | None, tiled: bool) -> tuple[Array, Array]:
-        # XLA:CPU's float32 division is not correctly rounded: this scale is one ulp off
-        # torchao's (PyTorch divides exactly) in about half the blocks; the codes agree
-        scale = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY)) / jnp.float32(FP8_MAX)
+        # XLA's algebraic simplifier rewrites ``a / broadcast(c)`` as ``a * broadcast(1 / c)``, and
+        # 1 / 448 is inexact: about half the blocks' scales came out one ulp off torchao's (PyTorch
+        # divides). A divisor it cannot see as a broadcast keeps the division, correctly rounded.
+        m = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY))
+        scale = m / jax.lax.optimization_barrier(jnp.full_like(m, FP8_MAX))
         v = xb / scale[..., None]
         codes = v.astype(FP8) if bb is None else _quantize.stochastic_round_general(v, FP8, bb)
         if positive:

@@ -140,3 +140,28 @@ def rank1_4bit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     v = np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)
     codes = np.clip(np.floor(16 * v + 0.5) - 1, 0, 15).astype(np.int64)
     return codes, (codes + 1) / 16 * scale
+
+
+def rank1_normalized(x: np.ndarray) -> np.ndarray:
+    """The normalized values ``x / min_d(max over the other axes)`` of :func:`rank1_4bit`, in float64
+    (0 where the scale is 0), for locating the elements that lie on a rounding boundary."""
+    x = np.asarray(x, np.float64)
+    scale = None
+    for d in range(x.ndim):
+        stat = x.max(axis=tuple(i for i in range(x.ndim) if i != d))
+        b = stat.reshape([-1 if i == d else 1 for i in range(x.ndim)])
+        scale = b if scale is None else np.minimum(scale, b)
+    return np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)
+
+
+def fp8_e4m3_round_toward_zero(v: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn's value of float32 ``v`` (``|v| <= 448``) rounded toward zero, in float64: the
+    largest-magnitude e4m3 value not beyond ``v`` (3 mantissa bits, exponents -6..8, subnormals
+    ``k * 2**-9``), from the format's definition (OCP 8-bit floating point, 2023)."""
+    v = np.asarray(v, np.float64)
+    a = np.abs(v)
+    e = np.frexp(a)[1] - 1.0  # a = m * 2**e with 1 <= m < 2 (exact, unlike log2)
+    e = np.maximum(e, -6)  # below 2**-6 the spacing stays 2**-9 (subnormals)
+    step = 2.0 ** (e - 3)
+    q = np.floor(a / step) * step
+    return np.sign(v) * np.where(a > 0, q, 0.0)

@@ -5,17 +5,37 @@ Adam: 4-bit signed dynamic map in blocks of 128 (first moment, momentum here) an
 blocks of 256. Both are compared code for code and dequantized bit for bit. The second moment's
 4-bit rank-1 path (lpmm's) is compared with ``tests/reference.py``. Each agreement check is also
 run on a deliberately wrong variant, which must fail it.
+
+torchao's blocks are ``x.view(-1, block_size)``, so it takes no length that is not a multiple of
+the block: such lengths are compared with torchao run on the input zero-padded to whole blocks
+(padding zeros change no block's ``max |x|``), on the first ``n`` codes. Packing: torchao packs the
+flattened tensor, this package each row of the last axis (so that a row's codes stay together
+under sharding): the packed bytes are equal where the last axis is even; where it is odd the
+unpacked codes are compared.
+
+jit against eager (``jax.disable_jit()``) through ``rmsprop`` runs in a fresh process
+(tests/lowbit_jit_eager_check.py) with ``--xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp``,
+as tests/test_properties.py does: in process, fused multiply-adds and the reciprocal rewrite of
+divisions differ between the two (not the codecs' doing; the codecs alone agree in process).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import rmsprop_jax
-from reference import rank1_4bit
+from reference import fp8_e4m3_round_toward_zero, rank1_4bit, rank1_normalized
 from rmsprop_jax import _lowbit as lb
 
 torch = pytest.importorskip("torch")
@@ -127,10 +147,9 @@ def test_fp8_nearest_codes_and_dequantization_equal_torchao(shape: tuple, seed: 
     codes, scale = _torchao_fp8(x)
     ours, our_scale = lb.quantize_fp8(jnp.asarray(x), block_size=256, axis=None)
     assert _mismatches(ours, codes) == 0
-    # the scale max / 448: XLA's simplifier makes it max * (1/448), inexact (PyTorch divides), so
-    # about half the blocks' scales are one ulp apart; never more
+    # the scale max / 448, correctly rounded as PyTorch divides (see the reciprocal mutant below)
     our_scale = np.asarray(our_scale)
-    np.testing.assert_array_max_ulp(our_scale, scale, maxulp=1)
+    np.testing.assert_array_equal(our_scale, scale)
     # dequantization: torchao's of our codes and scales equals ours bit for bit
     fp8 = torch.tensor(np.asarray(ours).view(np.uint8)).view(torch.float8_e4m3fn).reshape(shape)
     theirs = subclass_fp8.OptimStateFp8(fp8, torch.tensor(our_scale)).dequantize().numpy()
@@ -211,9 +230,20 @@ def test_jit_equals_eager_for_every_codec() -> None:
             assert _mismatches(a, b) == 0, name
 
 
-@pytest.mark.parametrize("fmt", ["int4", "fp8"])
-def test_rmsprop_steps_jit_equal_eager_centered_momentum(fmt: str) -> None:
-    opt = rmsprop_jax.rmsprop(1e-2, centered=True, momentum=0.9, accumulator_dtype=fmt)
+_IN_PROCESS = {
+    "int4": ("int4", {}),
+    "fp8": ("fp8", {}),
+    "fp8 nearest": (rmsprop_jax.Fp8(rounding="nearest"), {}),
+    "int4 centered momentum": ("int4", {"centered": True, "momentum": 0.9}),
+    "fp8 centered momentum": ("fp8", {"centered": True, "momentum": 0.9}),
+}
+
+
+@pytest.mark.parametrize("name", list(_IN_PROCESS))
+def test_rmsprop_steps_jit_equal_eager(name: str) -> None:
+    """``opt.update`` called outside jit (as a user calls it) against ``jax.jit(opt.update)``."""
+    fmt, kw = _IN_PROCESS[name]
+    opt = rmsprop_jax.rmsprop(1e-2, accumulator_dtype=fmt, **kw)
     p = {"w": jnp.asarray(_data((64, 128), 14))}
     grads = [{"w": jnp.asarray(_data((64, 128), 20 + i))} for i in range(3)]
 
@@ -228,3 +258,239 @@ def test_rmsprop_steps_jit_equal_eager_centered_momentum(fmt: str) -> None:
     jitted = run(jax.jit(opt.update))
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
         assert _mismatches(a, b) == 0
+
+
+# --------------------------------------------------------------------------- odd lengths, extreme values
+
+
+def _extreme(shape: tuple[int, ...], seed: int, positive: bool = False) -> np.ndarray:
+    """:func:`_data` plus values from 1e-30 to 1e30, one block of values below torchao's 1e-12
+    clip of the maximum and a block of zeros."""
+    x = _data(shape, seed, positive).reshape(-1)
+    rng = np.random.default_rng(seed + 100)
+    idx = rng.choice(x.size, x.size // 20, replace=False)
+    mags = 10.0 ** rng.uniform(-30, 30, idx.size)
+    x[idx] = (mags if positive else mags * rng.choice([-1.0, 1.0], idx.size)).astype(np.float32)
+    x[:128] = np.float32(1e-20) * np.arange(128, dtype=np.float32)  # maximum under the clip
+    x[256:384] = 0.0
+    return x.reshape(shape)
+
+
+def _padded(x: np.ndarray, block: int) -> np.ndarray:
+    flat = x.reshape(-1)
+    return np.concatenate([flat, np.zeros(-flat.size % block, np.float32)])
+
+
+def _unpack_flat(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
+
+
+ODD_SHAPES = [(4097,), (3, 333), (130, 7), (8192,)]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_4bit_odd_lengths_and_extreme_values_equal_torchao(shape: tuple, signed: bool) -> None:
+    """Signed: every code, scale and decoded value equals torchao's. Unsigned: the same, except in
+    blocks whose maximum is below torchao's clip (1e-12): there this package keeps the scale
+    ``max |x|`` unclipped (0 for an all-zero block, which then decodes to 0), where torchao's
+    1e-12 turns every value into code 0 and decodes it to 1e-12 / 16 (larger than the block)."""
+    x = _extreme(shape, sum(shape) + signed, positive=not signed)
+    n = x.size
+    codes, scale, deq = _torchao_4bit(_padded(x, 128), signed=signed)
+    ours, our_scale = lb.quantize_int4(jnp.asarray(x), block_size=128, axis=None, signed=signed)
+    our_scale = np.asarray(our_scale)
+    assert ours.shape == lb.packed_shape(shape)
+    unpacked = np.asarray(lb.unpack(ours, shape)).reshape(-1).astype(np.uint8)
+    block_max = np.abs(_padded(x, 128).reshape(-1, 128)).max(-1)
+    keep = block_max >= np.float32(1e-12) if not signed else np.ones(scale.shape, bool)
+    assert keep.sum() >= keep.size - 2  # the two sub-clip blocks of _extreme
+    per_elem = np.repeat(keep, 128)[:n]
+    assert _mismatches(unpacked[per_elem], _unpack_flat(codes)[:n][per_elem]) == 0
+    if shape[-1] % 2 == 0:  # the same bytes: high nibble first
+        in_keep = per_elem[::2]
+        assert _mismatches(np.asarray(ours).reshape(-1)[in_keep], codes[: n // 2][in_keep]) == 0
+    np.testing.assert_array_equal(our_scale[keep], scale[keep])
+    np.testing.assert_array_equal(our_scale[~keep], block_max[~keep])  # unclipped
+    our_deq = np.asarray(lb.dequantize_int4(ours, our_scale, shape, axis=None, signed=signed)).reshape(-1)
+    np.testing.assert_array_equal(our_deq[per_elem], deq[:n][per_elem])
+    if not signed:
+        assert np.all(our_deq[x.reshape(-1) > 0] > 0)
+
+
+@pytest.mark.parametrize("shape", [(4097,), (3, 333), (8192,)], ids=str)
+@pytest.mark.parametrize("positive", [False, True])
+def test_fp8_odd_lengths_and_extreme_values_equal_torchao(shape: tuple, positive: bool) -> None:
+    x = _extreme(shape, sum(shape) + positive, positive=positive)
+    n = x.size
+    tcodes, tscale = subclass_fp8.quantize_fp8(torch.tensor(_padded(x, 256)), 256)
+    theirs = tcodes.view(torch.uint8).numpy()[:n]
+    tdeq = subclass_fp8.OptimStateFp8(tcodes, tscale).dequantize().numpy()[:n]
+    ours, our_scale = lb.quantize_fp8(jnp.asarray(x), block_size=256, axis=None, positive=positive)
+    ours = np.asarray(ours).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(our_scale), tscale.numpy())
+    flushed = (theirs == 0) & (x.reshape(-1) > 0) if positive else np.zeros(n, bool)
+    np.testing.assert_array_equal(ours.view(np.uint8) != theirs, flushed)
+    dec = np.asarray(lb.dequantize_fp8(jnp.asarray(ours.reshape(shape)), our_scale, axis=None)).reshape(-1)
+    np.testing.assert_array_equal(dec[~flushed], tdeq[~flushed])
+    if positive:
+        assert np.all(dec[x.reshape(-1) > 0] > 0)
+
+
+def test_fp8_reciprocal_scale_mutant_disagrees_with_torchao() -> None:
+    """``max * (1 / 448)`` (what XLA's simplifier makes of ``max / 448``) is one ulp off in many
+    blocks; the scale is torchao's in every context the codec runs in: op by op, ``jax.jit``,
+    ``jax.disable_jit()`` and ``jax.vmap`` (where a divisor not computed from the batched maximum
+    would be broadcast after its barrier, and rewritten)."""
+    x = _data((65536,), 21)
+    _, scale = _torchao_fp8(x)
+    mutant = np.maximum(np.abs(x.reshape(-1, 256)).max(-1), np.float32(1e-12)) * np.float32(1 / 448)
+    assert _mismatches(mutant, scale) > 40
+    xs = jnp.asarray(x)
+    f = lambda v: lb.quantize_fp8(v, axis=None)[1]
+    batched = jax.vmap(f)(xs.reshape(2, -1)).reshape(-1)
+    with jax.disable_jit():
+        eager = f(xs)
+    for name, ours in {
+        "op by op": f(xs),
+        "jit": jax.jit(f)(xs),
+        "disable_jit": eager,
+        "vmap": batched,
+        "jit of vmap": jax.jit(jax.vmap(f))(xs.reshape(2, -1)).reshape(-1),
+    }.items():
+        assert _mismatches(np.asarray(ours), scale) == 0, name
+
+
+def test_fp8_round_toward_zero_mutant_disagrees_with_torchao() -> None:
+    x = _data((8192,), 22)
+    codes, scale = _torchao_fp8(x)
+    v = x.reshape(-1, 256) / scale[:, None]
+    mutant = fp8_e4m3_round_toward_zero(v).astype(np.float32).astype(jnp.float8_e4m3fn).view(np.uint8)
+    assert _mismatches(mutant.reshape(-1), codes) > 1000
+    # and the reference rounding itself is right: it never rounds away from zero
+    theirs = codes.view(jnp.float8_e4m3fn).astype(np.float64).reshape(v.shape)
+    assert np.all(np.abs(fp8_e4m3_round_toward_zero(v)) <= np.abs(v))
+    assert np.all(np.abs(theirs - fp8_e4m3_round_toward_zero(v)) <= np.abs(theirs) * 2.0**-3 + 2.0**-9)
+
+
+# --------------------------------------------------------------------------- rank-1: boundary cases
+
+
+def _rank1_boundary(nu: np.ndarray) -> np.ndarray:
+    """Elements whose float64 normalized value lies within 2 float32 ulps of a rounding midpoint
+    ``(k + 1.5) / 16``: there float32 and float64 division may round to different codes."""
+    v = rank1_normalized(nu)
+    mid = (np.clip(np.round(16 * v - 1.5), 0, 14) + 1.5) / 16
+    return np.abs(v - mid) <= 2 * np.spacing(np.float32(v)).astype(np.float64)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (8, 16, 40), (128, 33)], ids=str)
+def test_rank1_mismatches_are_exactly_boundary_cases(shape: tuple) -> None:
+    nu = _data(shape, 11, positive=True)
+    nu[3] = 0.0
+    codes = np.asarray(lb.unpack(lb.quantize_rank1(jnp.asarray(nu))[0], shape))
+    ref_codes, _ = rank1_4bit(nu)
+    differ = codes != ref_codes
+    assert not np.any(differ & ~_rank1_boundary(nu)), np.argwhere(differ & ~_rank1_boundary(nu))[:5]
+    assert differ.sum() <= _rank1_boundary(nu).sum()
+
+
+def test_rank1_ties_round_up_as_the_reference() -> None:
+    nu = np.zeros((4, 8), np.float32)
+    nu[1:, 1:] = np.float32([1.5, 2.5, 3.5, 7.5, 14.5, 15.5, 0.5]) / 16  # midpoints, exact in float32
+    nu[0, :] = nu[:, 0] = 1.0  # every row and column maximum 1: the scale is 1 everywhere
+    codes = np.asarray(lb.unpack(lb.quantize_rank1(jnp.asarray(nu))[0], nu.shape))
+    ref_codes, _ = rank1_4bit(nu)
+    np.testing.assert_array_equal(codes, ref_codes)
+
+
+def test_rank1_round_down_mutant_disagrees_with_the_reference() -> None:
+    nu = np.random.default_rng(23).uniform(0, 1, (64, 96)).astype(np.float32)
+    ref_codes, _ = rank1_4bit(nu)
+    mutant = np.clip(np.floor(16 * rank1_normalized(nu)) - 1, 0, 15)
+    assert np.sum(mutant != ref_codes) > nu.size // 10
+
+
+# --------------------------------------------------------------------------- never 0 for a positive nu
+
+_Q_FP8 = jax.jit(lambda x: lb.dequantize_fp8(*lb.quantize_fp8(x, axis=None, positive=True), axis=None))
+_Q_FP8_SR = jax.jit(
+    lambda x, b: lb.dequantize_fp8(*lb.quantize_fp8(x, axis=None, bits=b, positive=True), axis=None)
+)
+_Q_INT4 = jax.jit(
+    lambda x: lb.dequantize_int4(
+        *lb.quantize_int4(x, axis=None, signed=False), x.shape, axis=None, signed=False
+    )
+)
+_Q_RANK1 = jax.jit(lambda x: lb.dequantize_rank1(*lb.quantize_rank1(x), x.shape))
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    low=st.integers(-30, 0),
+    span=st.integers(0, 45),
+    zeros=st.floats(0.0, 0.9),
+)
+def test_second_moment_never_decodes_to_zero_where_positive(
+    seed: int, low: int, span: int, zeros: float
+) -> None:
+    """Positive values over up to 45 decades (floored at 1e-30), some zeros: every codec of ``nu``
+    decodes a positive value to a positive one and a zero to zero (blocks and rank-1 paths)."""
+    rng = np.random.default_rng(seed)
+    shape = (6, 160)  # blocks of 256 and 128 with a partial last one; rank-1 rows and columns
+    nu = (10.0 ** rng.uniform(low, min(low + span, 30), shape)).astype(np.float32)
+    nu[rng.random(shape) < zeros] = 0.0
+    x = jnp.asarray(nu)
+    bits = jax.random.bits(jax.random.key(seed % 2**31), shape, jnp.uint32)
+    for name, dec in (
+        ("fp8", _Q_FP8(x)),
+        ("fp8 stochastic", _Q_FP8_SR(x, bits)),
+        ("int4 blocks", _Q_INT4(x)),
+        ("int4 rank-1", _Q_RANK1(x)),
+    ):
+        dec = np.asarray(dec)
+        assert np.all(dec[nu > 0] > 0), name
+        assert np.all(np.isfinite(dec)) and np.all(dec >= 0), name
+    assert np.all(np.asarray(_Q_FP8(x))[nu == 0] == 0)  # FP8 has a code for 0 (the 4-bit map not)
+
+
+def test_flush_to_zero_mutant_fails_the_never_zero_check() -> None:
+    """The same check on torchao's rounding (``positive=False``, a positive code may round to 0)."""
+    nu = np.full((256,), 1e-6, np.float32)
+    nu[0] = 1.0
+    dec = np.asarray(lb.dequantize_fp8(*lb.quantize_fp8(jnp.asarray(nu), axis=None), axis=None))
+    assert np.sum(dec[nu > 0] == 0) == 255
+
+
+# --------------------------------------------------------------------------- jit == eager through rmsprop
+
+
+@pytest.mark.slow  # ~15 s on 2 cores: eager compiles every primitive
+def test_rmsprop_steps_jit_equal_disable_jit_bit_for_bit() -> None:
+    """tests/lowbit_jit_eager_check.py, in a fresh process without fused multiply-adds and without
+    the algebraic simplifier: every 4-bit and FP8 codec through ``rmsprop`` for 2 steps."""
+    here = Path(__file__).parent
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(here.parent / "src"), str(here), env.get("PYTHONPATH")) if p
+    )
+    proc = subprocess.run(
+        [sys.executable, str(here / "lowbit_jit_eager_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(
+        next(ln for ln in proc.stdout.splitlines() if ln.startswith("JIT_EAGER ")).split(" ", 1)[1]
+    )
+    assert report["configs"] == 2
+    # nu, mu and momentum: int4 on a matrix (rank-1 nu), fp8 on a vector
+    assert report["quantized"] == {"int4 centered momentum": 3, "fp8 centered momentum": 3}
+    assert report["leaves"] > 0 and report["differing"] == [], report["differing"]

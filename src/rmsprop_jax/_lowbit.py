@@ -3,7 +3,8 @@
 **FP8** (torchao 0.18, ``torchao/optim/subclass_fp8.py``): each block of ``block_size`` elements
 (256) stores ``scale = max(max |x|, 1e-12) / 448`` in float32 and every element as the
 ``float8_e4m3fn`` value of ``x / scale``, so the block's largest element maps to 448, e4m3's
-largest finite value. Decoding is ``float32(code) * scale``. Both are elementwise arithmetic,
+largest finite value; the division is kept a division (:func:`_divisor_like`), so the scale is
+torchao's bit for bit. Decoding is ``float32(code) * scale``. Both are elementwise arithmetic,
 which a compiler fuses with the step (no table lookup, unlike the 8-bit map). Rounding is to
 nearest (torchao's cast) or stochastic (:func:`rmsprop_jax._quantize.stochastic_round`, unbiased:
 e4m3 keeps 3 mantissa bits, so increments below ~6 % of a value are lost under round to
@@ -111,6 +112,22 @@ def quantize4(v: Array, table: np.ndarray) -> Array:
 _block_max = _quantize.block_max
 
 
+def _divisor_like(m: Array, c: float) -> Array:
+    """``c`` in every element of ``m``, as a divisor that XLA keeps a division by: ``m / c`` is then
+    correctly rounded, as PyTorch's, and FP8's scale ``max / 448`` is torchao's bit for bit.
+
+    XLA's algebraic simplifier rewrites ``a / broadcast(b)`` as ``a * broadcast(1 / b)`` (for any
+    ``b``, a constant or not), and 1 / 448 is inexact: about half the blocks' scales came out one
+    ulp off. ``jnp.full_like(m, c)`` behind an ``optimization_barrier`` is not enough: under
+    ``vmap`` the fill is not batched, and the batched division broadcasts it after the barrier. So
+    the divisor is computed from ``m`` itself (batched and sharded as ``m`` is):
+    ``where(isfinite(m), m, 0) * 0`` is +0.0 for every ``m``, behind a barrier so that no later
+    simplification can fold it back into a constant.
+    """
+    zero = jnp.where(jnp.isfinite(m), m, 0.0) * jnp.float32(0.0)
+    return jax.lax.optimization_barrier(zero) + jnp.float32(c)
+
+
 # --------------------------------------------------------------------------- packing two codes per byte
 
 
@@ -187,9 +204,8 @@ def quantize_fp8(
     """
 
     def encode(xb: Array, bb: Array | None, tiled: bool) -> tuple[Array, Array]:
-        # XLA's simplifier rewrites a / broadcast(448) as a * (1 / 448): this scale is one ulp off
-        # torchao's (PyTorch divides exactly) in about half the blocks; the codes agree
-        scale = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY)) / jnp.float32(FP8_MAX)
+        m = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY))
+        scale = m / _divisor_like(m, FP8_MAX)
         v = xb / scale[..., None]
         codes = v.astype(FP8) if bb is None else _quantize.stochastic_round_general(v, FP8, bb)
         if positive:

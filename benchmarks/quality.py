@@ -79,14 +79,18 @@ def train_digits(
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     tx = make_tx(model_kind, config, mode_kw)
     t0 = time.perf_counter()
-    model, opt, hist = ex.fit(model, tx, data, epochs=epochs, seed=seed)
+    model, _, hist = ex.fit(model, tx, data, epochs=epochs, seed=seed)
     return {
         "test_acc": hist.test_acc,
         "test_loss": hist.test_loss,
         "train_loss": hist.train_loss,
         "step_loss": hist.step_loss,
         "wall_s": time.perf_counter() - t0,
-    } | state_summary(opt.opt_state, num_params, _accumulators(config))
+    } | state_summary(  # the state as init gives it (an NNX state holds 4-bit codes as plain bytes)
+        jax.eval_shape(tx.init, nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+        num_params,
+        _accumulators(config),
+    )
 
 
 def train_quadratic(config: str, mode_kw: dict[str, Any], seed: int, steps: int, n: int) -> dict[str, Any]:

@@ -125,6 +125,17 @@ def graves_2013_step(w, n, g, d, e, aleph=0.95, beth=0.9, gimel=1e-4, daleth=1e-
     return w + d, n, g, d
 
 
+def _rank1_scale(x: np.ndarray) -> np.ndarray:
+    """``min`` over the axes ``d`` of ``x``'s maximum over every other axis, broadcast over ``x``."""
+    scale = None
+    for d in range(x.ndim):
+        stat = x.max(axis=tuple(i for i in range(x.ndim) if i != d))
+        b = stat.reshape([-1 if i == d else 1 for i in range(x.ndim)])
+        scale = b if scale is None else np.minimum(scale, b)
+    assert scale is not None
+    return scale
+
+
 def rank1_4bit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """4-bit rank-1 normalized quantization of a non-negative ``x`` of rank >= 2, in float64, from
     Li et al. 2023 (Sec. 4.2, "rank-1 normalization") and lpmm's ``get_sm3_statistics`` /
@@ -132,11 +143,7 @@ def rank1_4bit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     that axis' slice maximum; the normalized value goes to the nearest of the linear map without
     zero, ``(k + 1) / 16`` (ties up; values below 1/16 to 1/16). Returns ``(codes, decoded)``."""
     x = np.asarray(x, np.float64)
-    scale = None
-    for d in range(x.ndim):
-        stat = x.max(axis=tuple(i for i in range(x.ndim) if i != d))
-        b = stat.reshape([-1 if i == d else 1 for i in range(x.ndim)])
-        scale = b if scale is None else np.minimum(scale, b)
+    scale = _rank1_scale(x)
     v = np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)
     codes = np.clip(np.floor(16 * v + 0.5) - 1, 0, 15).astype(np.int64)
     return codes, (codes + 1) / 16 * scale
@@ -146,11 +153,7 @@ def rank1_normalized(x: np.ndarray) -> np.ndarray:
     """The normalized values ``x / min_d(max over the other axes)`` of :func:`rank1_4bit`, in float64
     (0 where the scale is 0), for locating the elements that lie on a rounding boundary."""
     x = np.asarray(x, np.float64)
-    scale = None
-    for d in range(x.ndim):
-        stat = x.max(axis=tuple(i for i in range(x.ndim) if i != d))
-        b = stat.reshape([-1 if i == d else 1 for i in range(x.ndim)])
-        scale = b if scale is None else np.minimum(scale, b)
+    scale = _rank1_scale(x)
     return np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)
 
 

@@ -21,12 +21,6 @@ divisions differ between the two (not the codecs' doing; the codecs alone agree 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +31,7 @@ from hypothesis import strategies as st
 import rmsprop_jax
 from reference import fp8_e4m3_round_toward_zero, rank1_4bit, rank1_normalized
 from rmsprop_jax import _lowbit as lb
+from test_properties import _jit_eager_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchao")
@@ -469,27 +464,8 @@ def test_flush_to_zero_mutant_fails_the_never_zero_check() -> None:
 def test_rmsprop_steps_jit_equal_disable_jit_bit_for_bit() -> None:
     """tests/lowbit_jit_eager_check.py, in a fresh process without fused multiply-adds and without
     the algebraic simplifier: every 4-bit and FP8 codec through ``rmsprop`` for 2 steps."""
-    here = Path(__file__).parent
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(here.parent / "src"), str(here), env.get("PYTHONPATH")) if p
-    )
-    proc = subprocess.run(
-        [sys.executable, str(here / "lowbit_jit_eager_check.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(
-        next(ln for ln in proc.stdout.splitlines() if ln.startswith("JIT_EAGER ")).split(" ", 1)[1]
-    )
+    flags = "--xla_cpu_max_isa=AVX --xla_disable_hlo_passes=algsimp"
+    report = _jit_eager_script(flags, "lowbit_jit_eager_check.py")
     assert report["configs"] == 2
     # nu, mu and momentum: int4 on a matrix (rank-1 nu), fp8 on a vector
     assert report["quantized"] == {"int4 centered momentum": 3, "fp8 centered momentum": 3}

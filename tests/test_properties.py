@@ -374,14 +374,15 @@ def test_same_inputs_give_bit_identical_outputs_across_runs(cfg, specs, seed):
 # in-process both are within round-off of the reference (test_matches_reference_float32).
 
 
-def _jit_eager_script(flags: str) -> dict:
+def _jit_eager_script(flags: str, script: str = "jit_eager_check.py") -> dict:
+    """Run ``tests/<script>`` in a fresh CPU process with ``flags`` added to ``XLA_FLAGS``; its JSON."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(HERE), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, str(HERE / "jit_eager_check.py")],
+        [sys.executable, str(HERE / script)],
         env=env,
         capture_output=True,
         text=True,

@@ -213,9 +213,32 @@ def _tile_spec(blocks: tuple[Any, ...]) -> tuple[Any, ...]:
 def block_max(xb: Array, tiled: bool = False) -> Array:
     """``max |x|`` per block of :func:`_blocks`' view, NaN counted as 0: over the last axis, or for
     tiles over ``(-3, -1)``, kept as ``(..., nr, 1, nc)`` so that ``m[..., None]`` broadcasts over
-    the tiles as over blocks (:func:`block_scale` gives ``absmax``'s ``(..., nr, nc)``)."""
-    a = jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb))
-    return jnp.max(a, axis=(-3, -1), keepdims=True)[..., 0] if tiled else jnp.max(a, axis=-1)
+    the tiles as over blocks (:func:`block_scale` gives ``absmax``'s ``(..., nr, nc)``).
+
+    Written so that XLA:CPU fuses it with the computation of ``xb`` instead of writing ``xb`` to a
+    temporary (for a 16M-element leaf, a fresh 64 MB buffer every step): the magnitudes' float32
+    bit patterns, whose unsigned order is the order of non-negative floats, are maxed elementwise
+    over slices of each block (an 8-way elementwise chain, which fuses with its producer), and only
+    the remaining ``block_size / 8`` columns are reduced. A float ``max`` reduction over the whole
+    block is instead taken by XLA:CPU's library fusion, which reads a materialized input.
+    """
+    a = jnp.where(jnp.isnan(xb), 0.0, jnp.abs(xb)).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    if tiled:  # (..., nr, th, nc, tw): the chain over groups of th's rows, then the rest reduced
+        th = bits.shape[-3]
+        k = _MAX_CHAIN if th % _MAX_CHAIN == 0 else 1
+        z = bits.reshape(*bits.shape[:-3], k, th // k, *bits.shape[-2:])
+        acc = functools.reduce(jnp.maximum, [z[..., i, :, :, :] for i in range(k)])
+        m = jnp.max(acc, axis=(-3, -1), keepdims=True)[..., 0]
+    else:
+        b = bits.shape[-1]
+        k = _MAX_CHAIN if b % _MAX_CHAIN == 0 else 1
+        z = bits.reshape(*bits.shape[:-1], k, b // k)
+        m = jnp.max(functools.reduce(jnp.maximum, [z[..., i, :] for i in range(k)]), axis=-1)
+    return jax.lax.bitcast_convert_type(m, jnp.float32)
+
+
+_MAX_CHAIN = 8  # block_max's elementwise chain length (8: fused on XLA:CPU, 4 and 16 were not)
 
 
 def block_scale(m: Array, tiled: bool) -> Array:
@@ -566,15 +589,17 @@ def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
 class _FloatFormat(NamedTuple):
     mantissa_bits: int
     min_exponent: int  # of the smallest normal number
-    inf_bits: int
+    inf_bits: int  # the largest magnitude a carry reaches: inf, or the largest finite value
     bits_dtype: Any
+    nan_bits: int  # the quiet NaN a NaN input becomes (its sign kept)
+    has_inf: bool  # False: an inf input becomes NaN, as a cast to the format does
 
 
 _FORMATS = {
-    jnp.dtype(jnp.bfloat16): _FloatFormat(7, -126, 0x7F80, jnp.uint16),
-    jnp.dtype(jnp.float16): _FloatFormat(10, -14, 0x7C00, jnp.uint16),
+    jnp.dtype(jnp.bfloat16): _FloatFormat(7, -126, 0x7F80, jnp.uint16, 0x7FC0, True),
+    jnp.dtype(jnp.float16): _FloatFormat(10, -14, 0x7C00, jnp.uint16, 0x7E00, True),
     # float8_e4m3fn has no inf: a carry past the largest finite value (448) saturates there.
-    jnp.dtype(jnp.float8_e4m3fn): _FloatFormat(3, -6, 0x7E, jnp.uint8),
+    jnp.dtype(jnp.float8_e4m3fn): _FloatFormat(3, -6, 0x7E, jnp.uint8, 0x7F, False),
 }
 
 
@@ -611,8 +636,10 @@ def stochastic_round(x: Array, dtype: Any, bits: Array) -> Array:
     return stochastic_round_general(x, dt, bits)
 
 
-def stochastic_round_general(x: Array, dtype: Any, bits: Array) -> Array:
-    """:func:`stochastic_round` for any format in ``_FORMATS``, from the significand and exponent."""
+def stochastic_round_general(x: Array, dtype: Any, bits: Array | None) -> Array:
+    """:func:`stochastic_round` for any format in ``_FORMATS``, from the significand and exponent;
+    ``bits=None``: round to nearest, ties to even, as ``x.astype(dtype)`` for finite ``x`` within
+    the format's range (a float8 cast costs XLA:CPU several times these integer operations)."""
     dt = jnp.dtype(dtype)
     fmt = _FORMATS[dt]
     x = x.astype(jnp.float32)
@@ -626,10 +653,19 @@ def stochastic_round_general(x: Array, dtype: Any, bits: Array) -> Array:
     too_small = shift > 31
     shift_u = jnp.minimum(shift, 31).astype(jnp.uint32)
     mask = (jnp.uint32(1) << shift_u) - jnp.uint32(1)
-    q = (significand + (bits & mask)) >> shift_u  # significand < 2^24, so no uint32 overflow
+    if bits is None:  # half the discarded range, less one unless the kept part is odd
+        add = (mask >> jnp.uint32(1)) + ((significand >> shift_u) & jnp.uint32(1))
+    else:
+        add = bits & mask
+    q = (significand + add) >> shift_u  # significand < 2^24, so no uint32 overflow
     q = jnp.where(too_small, jnp.uint32(0), q)
     base = (jnp.maximum(exponent, fmt.min_exponent) - fmt.min_exponent).astype(jnp.uint32) << t
     magnitude = jnp.minimum(base + q, jnp.uint32(fmt.inf_bits))
-    out_bits = ((sign << (8 * jnp.dtype(fmt.bits_dtype).itemsize - 1)) | magnitude).astype(fmt.bits_dtype)
-    out = jax.lax.bitcast_convert_type(out_bits, dt)
-    return jnp.where(jnp.isfinite(x), out, x.astype(dt))
+    sign_bit = sign << (8 * jnp.dtype(fmt.bits_dtype).itemsize - 1)
+    # inf (where the format has it) already came out as inf_bits; NaN, and inf where it has not,
+    # become the format's NaN on the bits: a select of a cast (``x.astype(dt)``) made XLA:CPU
+    # expand the float8 cast for every element, 5x the cost of the rounding itself.
+    is_nan = (b & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+    to_nan = is_nan if fmt.has_inf else ~jnp.isfinite(x)
+    magnitude = jnp.where(to_nan, jnp.uint32(fmt.nan_bits), magnitude)
+    return jax.lax.bitcast_convert_type((sign_bit | magnitude).astype(fmt.bits_dtype), dt)

@@ -103,8 +103,7 @@ def _init_state(
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     nus, mus, traces = [], [], []
 
-    def new(p: Any, value: Any, dtype: Any, role: str) -> Any:
-        codec = fmt.codec(tuple(p.shape), dtype, role, like=p)
+    def new(p: Any, value: Any, dtype: Any, codec: Codec) -> Any:
         if codec is PLAIN:
             return _full_like_param(p, value, dtype)
         return codec.init(_full_like_param(p, value, jnp.float32))
@@ -114,11 +113,11 @@ def _init_state(
         roles = [("nu", nu_dt)] + ([("acc", acc_dt)] if centered or momentum else [])
         codecs = [fmt.codec(tuple(p.shape), dt, role, like=p) for role, dt in roles]
         _warn_unfit_blocks(path, p, codecs, getattr(fmt, "layout", ""))
-        nus.append(new(p, initial_scale, nu_dt, "nu"))
+        nus.append(new(p, initial_scale, nu_dt, codecs[0]))
         if centered:
-            mus.append(new(p, 0, acc_dt, "acc"))
+            mus.append(new(p, 0, acc_dt, codecs[1]))
         if momentum:
-            traces.append(new(p, 0, acc_dt, "acc"))
+            traces.append(new(p, 0, acc_dt, codecs[1]))
 
     def tree(leaves: list[Any]) -> Any:
         # Flax NNX: a quantized leaf under a partitioned Variable gets a partitioning per part.
@@ -284,16 +283,18 @@ def _codec_of(fmt: Format, stored: Any) -> Codec:
     return fmt.codec((), jnp.result_type(stored))
 
 
+_KIND = {"int8": "8-bit", "int4": "4-bit", "fp8": "FP8"}  # a quantized codec kind, in words
+
+
 def _check_packable(params: Any, fmt: Format) -> None:
     """``packed=True`` stores float buffers (any rounding): quantized leaves raise."""
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         for dt in _accumulator_dtypes(_float_leaf_dtype(path, p), fmt.dtype):
             codec = fmt.codec(tuple(p.shape), dt)
-            _BITS = {"int8": "8-bit", "int4": "4-bit", "fp8": "FP8"}
             if isinstance(codec, Quantized):
                 raise ValueError(
                     f"packed=True cannot store leaf {jax.tree_util.keystr(path) or '<root>'} "
-                    f"({p.shape}) as {_BITS[codec.kind]} codes: the packed layout holds float buffers (a "
+                    f"({p.shape}) as {_KIND[codec.kind]} codes: the packed layout holds float buffers (a "
                     f"quantized block would straddle leaves). Use packed=False for {codec.kind} state, "
                     f"or optax.flatten(rmsprop_jax.rmsprop(..., accumulator_dtype='{codec.kind}')) for "
                     "one quantized buffer."

@@ -6,7 +6,7 @@
 largest finite value; the division is kept a division (:func:`_divisor_like`), so the scale is
 torchao's bit for bit. Decoding is ``float32(code) * scale``. Both are elementwise arithmetic,
 which a compiler fuses with the step (no table lookup, unlike the 8-bit map); the casts are done
-on the bit patterns (:func:`fp8_to_float32`, ``_quantize.stochastic_round_general``), bit for bit
+on the bit patterns (:func:`fp8_to_float32`, ``_quantize.round_to_format``), bit for bit
 the casts' results, because XLA:CPU converts float8 in software at several times their cost.
 Rounding is to nearest (torchao's cast) or stochastic (``_quantize.stochastic_round``, unbiased:
 e4m3 keeps 3 mantissa bits, so increments below ~6 % of a value are lost under round to
@@ -210,7 +210,7 @@ def quantize_fp8(
         m = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY))
         scale = m / _divisor_like(m, FP8_MAX)
         v = xb / scale[..., None]
-        codes = _quantize.stochastic_round_general(v, FP8, bb)  # bb None: to nearest, as astype
+        codes = _quantize.round_to_format(v, FP8, bb)  # bb None: to nearest, as astype
         if positive:  # on the bit patterns (a select of float8 values is done in float16 on CPU)
             u = jax.lax.bitcast_convert_type(codes, jnp.uint8)
             u = jnp.where((xb > 0) & (u == 0), jnp.uint8(_SMALLEST_FP8_BITS), u)

@@ -633,14 +633,61 @@ def stochastic_round(x: Array, dtype: Any, bits: Array) -> Array:
         is_nan = (b & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
         top = jnp.where(is_nan, (b >> 16) | jnp.uint32(0x40), (b + (bits & jnp.uint32(0xFFFF))) >> 16)
         return jax.lax.bitcast_convert_type(top.astype(jnp.uint16), dt)
-    return stochastic_round_general(x, dt, bits)
+    return round_to_format(x, dt, bits)
 
 
-def stochastic_round_general(x: Array, dtype: Any, bits: Array | None) -> Array:
-    """:func:`stochastic_round` for any format in ``_FORMATS``, from the significand and exponent;
-    ``bits=None``: round to nearest, ties to even, as ``x.astype(dtype)`` for finite ``x`` within
-    the format's range (a float8 cast costs XLA:CPU several times these integer operations)."""
+def round_to_format(x: Array, dtype: Any, bits: Array | None) -> Array:
+    """float32 ``x`` rounded to ``dtype`` (a format of ``_FORMATS``) on the bit patterns: stochastically
+    with the uniform uint32 ``bits`` (:func:`stochastic_round`), or to nearest, ties to even, with
+    ``bits=None``, as ``x.astype(dtype)`` for finite ``x`` within the format's range (a float8 cast
+    costs XLA:CPU several times these integer operations). float8_e4m3fn takes :func:`_round_e4m3`,
+    the others :func:`_round_general`."""
     dt = jnp.dtype(dtype)
+    if dt == jnp.dtype(jnp.float8_e4m3fn):
+        return _round_e4m3(x, bits)
+    return _round_general(x, dt, bits)
+
+
+def _round_e4m3(x: Array, bits: Array | None) -> Array:
+    """:func:`_round_general` for float8_e4m3fn in about half its integer operations.
+
+    A magnitude in e4m3's normal range (``|x| >= 2**-6``) keeps its float32 pattern ``a``; one in
+    its subnormal range becomes the fixed-point pattern ``2**-6``'s exponent field plus ``k``,
+    ``k = |x| / 2**-29`` (20 bits below e4m3's last place, 2**-9). Then both are one rule:
+    ``code = (X + add) >> 20`` less the exponent re-bias, saturated at 448 (``0x7E``); NaN and inf
+    give NaN (e4m3fn has no inf). ``add`` is 20 random bits, or for round to nearest half the
+    discarded range less one unless the kept part is odd.
+
+    Normal range and non-finite values: the general rule's codes bit for bit, both roundings.
+    Subnormal range, to nearest: ``k`` is the FPU's round to nearest even of ``|x|`` to a multiple
+    of 2**-9 (adding ``2**14`` makes that the ulp; exact under XLA:CPU's flush-to-zero, since a
+    float32 subnormal rounds to 0 anyway), so again the cast's codes. Subnormal range, stochastic:
+    ``k`` truncates ``|x|`` to 20 bits below the last place, so the probability of rounding up is
+    the remainder truncated to 2**-20 (the general rule keeps up to 31 bits there but flushes every
+    ``|x| < 2**-17`` to 0; this flushes below 2**-29); the codes differ from the general rule's.
+    """
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    a = b & jnp.uint32(0x7FFFFFFF)
+    sub = a < jnp.uint32(0x3C800000)  # |x| < 2**-6
+    ax = jax.lax.bitcast_convert_type(a, jnp.float32)
+    rebias = jnp.uint32(120 << 23)  # e4m3's exponent bias 7 against float32's 127, in the pattern
+    if bits is None:
+        k = jax.lax.bitcast_convert_type(ax + jnp.float32(2.0**14), jnp.uint32) - jnp.uint32(0x46800000)
+        big_x = jnp.where(sub, (k << 20) + rebias, a)
+        add = jnp.uint32(0x7FFFF) + ((big_x >> 20) & jnp.uint32(1))
+    else:
+        fixed = jnp.minimum(ax, jnp.float32(2.0**-6)) * jnp.float32(2.0**29)  # < 2**23: exact
+        big_x = jnp.where(sub, fixed.astype(jnp.int32).astype(jnp.uint32) + rebias, a)
+        add = bits & jnp.uint32(0xFFFFF)
+    code = jnp.minimum((big_x + add) >> 20, jnp.uint32((120 << 3) + 0x7E)) - jnp.uint32(120 << 3)
+    code = jnp.where(a >= jnp.uint32(0x7F800000), jnp.uint32(0x7F), code)
+    code = code | ((b >> 24) & jnp.uint32(0x80))
+    return jax.lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.float8_e4m3fn)
+
+
+def _round_general(x: Array, dt: Any, bits: Array | None) -> Array:
+    """:func:`round_to_format` from the significand and exponent, for any format in ``_FORMATS``."""
+    dt = jnp.dtype(dt)
     fmt = _FORMATS[dt]
     x = x.astype(jnp.float32)
     b = jax.lax.bitcast_convert_type(x, jnp.uint32)

@@ -13,7 +13,6 @@ with the reference's array at that index, bit for bit. Only NumPy is imported he
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _procs import cpu_process_env
 
 HERE = Path(__file__).parent
 N_STEPS = 3
@@ -171,12 +172,8 @@ def drive(seed_ref: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         port = _free_port()
-        env = dict(os.environ)  # PYTHONPATH as given: CI installs the package
-        env["JAX_PLATFORMS"] = "cpu"
-        flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-        envs = {
-            r: dict(env, XLA_FLAGS=(flags + ("8" if r == "ref" else "4")).strip()) for r in ("0", "1", "ref")
-        }
+        # PYTHONPATH as given: CI installs the package
+        envs = {r: cpu_process_env(8 if r == "ref" else 4) for r in ("0", "1", "ref")}
         logs = {r: open(out / f"{r}.log", "w+") for r in envs}  # closed below
         procs = {
             role: subprocess.Popen(

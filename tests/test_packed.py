@@ -11,7 +11,6 @@ Orbax, abstract init, eager == jit, errors.
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ import pytest
 
 import rmsprop_jax
 from _common import gradient_oracle, make_params
+from _procs import cpu_process_env
 from rmsprop_jax._packed import PackedTree
 from test_optax_dropin import OPTIONS, SCHEDULE
 from test_reference import EXTRAS, _jax_sched, _mask, wd_schedule
@@ -481,10 +481,7 @@ def test_sharded_params_are_refused():
         print("REPLICATED OK", float(u["b"][0]))
         """
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    src = str(Path(__file__).parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env = cpu_process_env(8, pythonpath=(Path(__file__).parents[1] / "src",))
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )

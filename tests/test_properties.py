@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rmsprop_jax
+from _procs import cpu_process_env
 from reference import RefConfig, ReferenceRMSProp
 
 HERE = Path(__file__).parent
@@ -376,14 +376,9 @@ def test_same_inputs_give_bit_identical_outputs_across_runs(cfg, specs, seed):
 
 def _jit_eager_script(flags: str, script: str = "jit_eager_check.py") -> dict:
     """Run ``tests/<script>`` in a fresh CPU process with ``flags`` added to ``XLA_FLAGS``; its JSON."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    src = str(HERE.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, str(HERE), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, str(HERE / script)],
-        env=env,
+        env=cpu_process_env(flags=flags, pythonpath=(HERE.parent / "src", HERE)),
         capture_output=True,
         text=True,
         timeout=600,

@@ -12,12 +12,13 @@ updates.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _procs import cpu_process_env
 
 HERE = Path(__file__).parent
 N_LAYOUTS, N_AXIS_TYPES, N_CONFIGS = 2, 2, 6
@@ -26,14 +27,9 @@ N_EXTRA = 2 * 2  # Auto under set_mesh and Explicit without it, two configuratio
 
 def run_on_8_devices(script: str, marker: str) -> dict:
     """Run ``tests/<script>`` in a fresh process on 8 fake CPU devices; the JSON after ``marker``."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    src = str(HERE.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, str(HERE / script)],
-        env=env,
+        env=cpu_process_env(8, pythonpath=(HERE.parent / "src",)),
         capture_output=True,
         text=True,
         timeout=900,

@@ -17,8 +17,10 @@ N_FORMATS, N_SHARDINGS, N_DTYPES = 10, 3, 2
 # XLA:CPU compiles the float32 arithmetic of these cases differently on the per-shard shapes of
 # bfloat16 parameters (both leaves, the unresharded one too): a few float32 scales (absmax, FP8
 # block scales) are one rounding apart (relative 1.3e-7 to 2e-7 measured), so in the 8-bit case
-# one code in ~500k differs by one. The updates stay bit-identical; the state is compared within
-# that rounding.
+# one code in ~500k differs by one. An update that reads such a scale (the momentum's) is then one
+# float32 rounding off too, which a bfloat16 update shows where it lies at a rounding boundary (1
+# element in 557,568 measured, int4_centered_momentum, jax 0.10.2). These cases are compared within
+# one rounding (one ulp of the parameter dtype for the updates); every other case bit for bit.
 CODEGEN_ROUNDING = {
     ("int8_centered_momentum", "columns", "bfloat16"),
     ("int4_centered_momentum", "columns", "bfloat16"),
@@ -66,7 +68,12 @@ def test_codes_are_sharded_like_their_parameter_and_absmax_alike(report):
 
 
 def test_updates_equal_the_step_without_a_mesh_bit_for_bit(report):
-    assert not [_where(c) for c in report["cases"] if not c["updates_equal_no_mesh"]]
+    for c in report["cases"]:
+        if (c["format"], c["sharding"], c["dtype"]) in CODEGEN_ROUNDING:
+            d = c["updates_diff"]
+            assert d["share"] < 1e-5 and d["ulps"] <= 1, (_where(c), d)
+        else:
+            assert c["updates_equal_no_mesh"], (_where(c), c["updates_diff"])
     eager = [c for c in report["cases"] if "eager_equal_no_mesh" in c]
     assert eager and all(c["eager_equal_no_mesh"] for c in eager)
 

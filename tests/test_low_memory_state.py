@@ -28,7 +28,7 @@ SHAPES = {
     "w": (64, 96),
     "v": (4100,),
     "b": (96,),
-}  # two quantized leaves (rows of 96: short blocks), one small
+}  # two quantized leaves (rows of 96: short blocks, so layout="auto" stores "w" flat), one small
 
 
 # Every quantized format; a new one is covered by adding it here.
@@ -40,6 +40,11 @@ QUANTIZED = ("int8", "int4", "fp8")
 # so most elements' second moments sit on the map's floor (overestimated: smaller steps; never
 # 0). Blocks and rank-1 fare alike (44.5 % / 42.3 %). Quality on trained models: benchmarks/.
 TRACKING = {"int8": 0.05, "int4": 0.5, "fp8": 0.03}
+# The same formats with layout="rows" pinned: "w"'s rows of 96 as short, zero-padded blocks.
+ROWS = {
+    f"{k}_rows": f(layout="rows")
+    for k, f in {"int8": rmsprop_jax.Int8, "int4": rmsprop_jax.Int4, "fp8": rmsprop_jax.Fp8}.items()
+}
 
 
 def _params() -> dict[str, jax.Array]:
@@ -82,12 +87,16 @@ def test_state_layout_and_bytes() -> None:
     for field in (state.nu, state.mu, state.trace):
         assert isinstance(field["w"], QuantizedLeaf) and isinstance(field["v"], QuantizedLeaf)
         assert field["w"].codes.dtype == jnp.uint8 and field["w"].codes.shape == (64, 96)
-        assert field["w"].absmax.shape == (64, 1)  # rows of 96 < 256: one block per row
+        # layout="auto": rows of 96 would each be a partial block of 256; the leaf is 24 whole
+        # flat blocks (6144 / 256), so it is stored flat
+        assert field["w"].layout == "flat" and field["w"].absmax.shape == (24,)
         assert field["v"].absmax.shape == (17,)  # ceil(4100 / 256)
         assert field["b"].dtype == jnp.float32  # below min_size: float32
     big = 64 * 96 + 4100
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state)) - 4  # minus count
-    assert nbytes == 3 * (big + 4 * (64 + 17) + 4 * 96)
+    assert nbytes == 3 * (big + 4 * (24 + 17) + 4 * 96)
+    rows = rmsprop_jax.rmsprop(1e-3, accumulator_dtype=rmsprop_jax.Int8(layout="rows")).init(_params())
+    assert rows.nu["w"].layout == "rows" and rows.nu["w"].absmax.shape == (64, 1)  # one block per row
     # optax.tree.get still finds the second moment
     assert isinstance(optax.tree.get(state, "nu")["w"], QuantizedLeaf)
 
@@ -103,17 +112,18 @@ def test_int4_and_fp8_state_layout_and_bytes() -> None:
     assert (nu["v"].layout, nu["v"].codes.shape, nu["v"].absmax.shape) == ("rows", (2050,), (33,))
     for field in (mu, trace):
         w = field["w"]
-        assert (w.signed, w.codes.shape, w.absmax.shape) == (True, (64, 48), (64, 1))
+        # rows of 96 are partial blocks of 128; the leaf is 48 whole flat blocks
+        assert (w.signed, w.layout, w.codes.shape, w.absmax.shape) == (True, "flat", (64, 48), (48,))
         assert (field["v"].codes.shape, field["v"].absmax.shape) == ((2050,), (33,))
         assert field["b"].dtype == jnp.float32
     big = 64 * 96 + 4100
     nbytes = sum(x.nbytes for x in jax.tree.leaves(int4)) - 4
-    assert nbytes == 3 * (big // 2 + 4 * 96) + 4 * (160 + 33) + 2 * 4 * (64 + 33)
+    assert nbytes == 3 * (big // 2 + 4 * 96) + 4 * (160 + 33) + 2 * 4 * (48 + 33)
     fp8 = rmsprop_jax.rmsprop(1e-3, centered=True, momentum=0.9, accumulator_dtype="fp8").init(params)
     for field in (fp8.nu, fp8.mu, fp8.trace):
         assert field["w"].codes.dtype == jnp.float8_e4m3fn and field["w"].codes.shape == (64, 96)
-        assert field["w"].absmax.shape == (64, 1) and field["v"].absmax.shape == (17,)
-    assert sum(x.nbytes for x in jax.tree.leaves(fp8)) - 4 == 3 * (big + 4 * (64 + 17) + 4 * 96)
+        assert field["w"].absmax.shape == (24,) and field["v"].absmax.shape == (17,)
+    assert sum(x.nbytes for x in jax.tree.leaves(fp8)) - 4 == 3 * (big + 4 * (24 + 17) + 4 * 96)
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
@@ -149,11 +159,12 @@ def _opt(kw: dict[str, Any], **extra: Any) -> optax.GradientTransformation:
     return rmsprop_jax.rmsprop(kw.pop("learning_rate"), **kw)
 
 
-@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("fmt", [*QUANTIZED, *ROWS])
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_every_option_jit_equals_eager_and_tracks_float32_state(name: str, fmt: str) -> None:
-    q_jit = _run(_opt(OPTIONS[name], accumulator_dtype=fmt))
-    q_eager = _run(_opt(OPTIONS[name], accumulator_dtype=fmt), jit=False)
+    acc = ROWS.get(fmt, fmt)
+    q_jit = _run(_opt(OPTIONS[name], accumulator_dtype=acc))
+    q_eager = _run(_opt(OPTIONS[name], accumulator_dtype=acc), jit=False)
     if "bias_correction" in OPTIONS[name]:
         # eager 1 - decay**t is computed op by op (ANCHORS.md): last-bit differences, which can move a
         # code by one
@@ -165,11 +176,59 @@ def test_every_option_jit_equals_eager_and_tracks_float32_state(name: str, fmt: 
     for k in SHAPES:
         moved = np.abs(np.asarray(f32[0][k]) - np.asarray(_params()[k]))
         diff = np.abs(np.asarray(q_jit[0][k]) - np.asarray(f32[0][k]))
-        assert diff.mean() < TRACKING[fmt] * moved.mean(), (k, diff.mean() / moved.mean())
+        assert diff.mean() < TRACKING[fmt.removesuffix("_rows")] * moved.mean(), (
+            k,
+            diff.mean() / moved.mean(),
+        )
     for field in ("nu", "mu", "trace"):
         tree = getattr(q_jit[1], field)
         if tree is not None:
             assert isinstance(tree["w"], QuantizedLeaf)
+            if fmt in ROWS and tree["w"].layout != "rank1":
+                assert tree["w"].layout == "rows"
+
+
+@pytest.mark.parametrize(
+    ("shape", "want"),
+    [
+        ((64, 512), "rows"),  # rows of whole blocks
+        ((64, 96), "flat"),  # rows of 96 end in a partial block; the leaf is 24 whole blocks
+        ((3, 3, 64, 96), "flat"),  # a conv kernel (HWIO): 216 whole blocks
+        ((100, 300), "rows"),  # 30000 is not a whole number of blocks either: rows, zero-padded
+        ((8192,), "rows"),  # a vector: its one row
+    ],
+)
+def test_auto_layout_is_flat_where_rows_end_in_a_partial_block_but_the_leaf_is_whole_blocks(
+    shape: tuple[int, ...], want: str
+) -> None:
+    for fmt in (rmsprop_jax.Int8(min_size=0), rmsprop_jax.Fp8(min_size=0), rmsprop_jax.Int4(min_size=0)):
+        state = rmsprop_jax.rmsprop(1e-3, momentum=0.9, accumulator_dtype=fmt).init({"w": jnp.zeros(shape)})
+        leaf = state.trace["w"]  # int4's nu of a matrix is rank-1; its momentum uses blocks of 128
+        block = fmt.block_size
+        expect = want if want != "flat" or shape[-1] % block else "rows"
+        assert leaf.layout == expect, (fmt, shape, leaf.layout)
+
+
+@pytest.mark.parametrize("layout", ["rows", "flat", "tiles"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_auto_reads_the_stored_layout_from_absmax_shape(fmt: str, layout: str) -> None:
+    """A state whose leaves lost their metadata (``{"codes", "absmax"}`` mappings, as Flax NNX
+    stores them) and was written in another layout than ``auto`` now picks (a version that stored
+    rows, or a sharding ``update`` cannot see) steps in the layout its ``absmax`` shape says."""
+    kind = {"int8": rmsprop_jax.Int8, "fp8": rmsprop_jax.Fp8}[fmt]
+    pinned = rmsprop_jax.rmsprop(1e-2, momentum=0.9, accumulator_dtype=kind(layout=layout))
+    auto = rmsprop_jax.rmsprop(1e-2, momentum=0.9, accumulator_dtype=kind())
+    params, (g, g2) = _params(), _grads(2)
+    _, state = pinned.update(g, pinned.init(params), params)
+    as_mappings = jax.tree.map(
+        lambda x: {"codes": x.codes, "absmax": x.absmax} if isinstance(x, QuantizedLeaf) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, QuantizedLeaf),
+    )
+    want, _ = pinned.update(g2, state, params)
+    got, new = jax.jit(auto.update)(g2, as_mappings, params)
+    _bitwise(got, want)
+    assert new.nu["w"]["absmax"].shape == state.nu["w"].absmax.shape
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)

@@ -117,9 +117,10 @@ def test_narrow_shards_warn_naming_the_leaf(report):
 
 @pytest.mark.parametrize("mode", ["auto", "explicit"])
 def test_auto_layout_gives_tiles_only_where_row_blocks_cut_the_shards(report, mode):
-    """The default ``layout="auto"``: a (256, 128) leaf whose 128-wide rows (one block each) are cut
-    by column or 2-D shards gets tiles, rows and replicated shardings keep rows; either way the
-    update has no collective and equals one device in that layout bit for bit."""
+    """The default ``layout="auto"``: a (256, 128) leaf whose 128-wide rows (one partial block of
+    256 each) are cut by column or 2-D shards gets tiles; row-sharded and replicated, its 128 whole
+    flat blocks; either way the update has no collective and equals one device in that layout bit
+    for bit."""
     auto = {k: v for k, v in report.items() if k.startswith("auto/") and f"/{mode}/" in k}
     assert len(auto) == 8
     for k, v in auto.items():

@@ -121,11 +121,12 @@ def main() -> dict:
                 key = f"tiles/{fmt}/{mode}/{spec_name}/{jnp.dtype(dtype).name}/{variant}"
                 report[key] = run(fmt, "tiles", spec_name, mode, dtype, centered)
         report[f"rows/int8/{mode}/cols/float32/plain"] = run("int8", "rows", "cols", mode, jnp.float32, False)
-        # layout="auto" (the default): rows where row blocks fit the shards (a (256, 128) leaf's
-        # 128-wide rows are one block each), else tiles; compared with one device in that layout
+        # layout="auto" (the default) on a (256, 128) leaf, whose 128-wide rows end in a partial
+        # block of 256: tiles where column shards cut its rows, else flat (256 whole blocks, which
+        # stay inside row shards); compared with one device in that layout
         for spec_name in SPECS:
             for fmt in ("int8", "fp8"):
-                want = "tiles" if spec_name in ("cols", "2d") else "rows"
+                want = "tiles" if spec_name in ("cols", "2d") else "flat"
                 key = f"auto/{fmt}/{mode}/{spec_name}/float32/plain"
                 report[key] = run(fmt, "auto", spec_name, mode, jnp.float32, False, want) | {"want": want}
     report["warning"] = narrow_shards_warning()

@@ -120,7 +120,10 @@ class Int8(_Blockwise):
         (a concrete or ``jax.ShapeDtypeStruct`` array's ``NamedSharding``, or its type under an
         ``AxisType.Explicit`` mesh; a tracer of an ``AxisType.Auto`` mesh shows none) splits the
         last axis into shards that cut row blocks and 2-D tiles fit its shards: then ``"tiles"``
-        (where neither fits, ``init`` warns, naming the leaf). The layout is stored in each leaf.
+        (where neither fits, ``init`` warns, naming the leaf); or unless the rows end in a partial
+        block while the leaf is whole blocks and only its first axis is sharded (or nothing is
+        known): then ``"flat"`` (a zero-padded partial block costs XLA:CPU a pass over memory and
+        keeps the leaf from the fused GPU kernel). The layout is stored in each leaf.
         ``"rows"``: blocks along the last axis, each row cut on its own (the last block of a
         row may be short), so that blocks never straddle shards of an array sharded along a
         leading axis (or along the last one in multiples of ``block_size``) and the update needs
@@ -163,24 +166,32 @@ class Int8(_Blockwise):
 
 def leaf_layout(layout: str, shape: tuple[int, ...], block_size: int, like: Any = None) -> str:
     """The layout a leaf of ``shape`` gets: ``"tiles"`` needs two axes (a vector's tiles are its
-    rows); ``"auto"`` is ``"tiles"`` where ``like``'s known sharding cuts row blocks and tiles fit
-    its shards, else ``"rows"``."""
+    rows); ``"auto"``: :func:`rmsprop_jax._quantize.auto_layout` (tiles where ``like``'s known
+    sharding cuts row blocks and tiles fit its shards, flat where the rows end in a partial block
+    but the leaf is whole blocks, else rows)."""
     if layout == "auto":
-        return "rows" if like is None else _quantize.auto_layout(like, block_size)
+        return _quantize.auto_layout(tuple(shape), block_size, like)
     return "rows" if layout == "tiles" and len(shape) < 2 else layout
+
+
+_BLOCK_LAYOUTS = ("rows", "flat", "tiles")
 
 
 def stored_layout(codec: Codec, fmt: Any, shape: tuple[int, ...], absmax_shape: tuple[int, ...]) -> Codec:
     """``codec`` (of a parameter of ``shape``) with the layout ``layout="auto"`` gave a stored leaf
     whose ``absmax`` has ``absmax_shape``: a leaf that lost its metadata (through ``nnx.state``)
-    keeps its arrays, and tiles' ``absmax`` is ``(..., ceil(R / th), ceil(C / tw))``, not rows'."""
-    if not isinstance(codec, Quantized) or getattr(fmt, "layout", None) != "auto" or codec.layout != "rows":
+    keeps its arrays, and ``auto``'s choice can depend on a sharding that ``update`` does not see
+    (or on the version that wrote the state), but each layout's ``absmax`` has its own shape:
+    rows' ``(..., R, ceil(C / b))``, flat's ``(ceil(size / b),)``, tiles' ``(..., ceil(R / th),
+    ceil(C / tw))``. ``codec``'s own layout is kept wherever its shape matches."""
+    if not isinstance(codec, Quantized) or getattr(fmt, "layout", None) != "auto":
         return codec
-    rows = _quantize.absmax_shape(shape, codec.block_size, codec.axis)
-    tiles = dataclasses.replace(codec, layout="tiles")
-    if len(shape) >= 2 and tuple(absmax_shape) != rows:
-        if tuple(absmax_shape) == _quantize.absmax_shape(shape, codec.block_size, tiles.axis):
-            return tiles
+    if codec.layout not in _BLOCK_LAYOUTS or len(shape) < 2:
+        return codec
+    for layout in (codec.layout, *_BLOCK_LAYOUTS):
+        candidate = dataclasses.replace(codec, layout=layout)
+        if tuple(absmax_shape) == _quantize.absmax_shape(shape, codec.block_size, candidate.axis):
+            return candidate
     return codec
 
 

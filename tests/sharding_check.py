@@ -12,16 +12,20 @@ the layout, mesh type, configuration and leaf.
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Only where a check script is the program (run by hand, or by the tests' subprocess): pytest's
+# --doctest-modules also imports this file to collect doctests, and 8 devices set here then would
+# give that whole pytest worker 8 devices (which changed layout="auto"'s choices under test).
+if sys.argv[0].endswith("_check.py"):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import contextlib
 import json
 import re
-import sys
 
 import jax
 import jax.numpy as jnp

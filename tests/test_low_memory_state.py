@@ -209,6 +209,19 @@ def test_auto_layout_is_flat_where_rows_end_in_a_partial_block_but_the_leaf_is_w
         assert leaf.layout == expect, (fmt, shape, leaf.layout)
 
 
+def test_auto_layout_keeps_rows_where_several_devices_leave_the_sharding_unknown(monkeypatch: Any) -> None:
+    """With several devices, a leaf whose sharding init cannot read (a concrete array on one
+    device, a tracer of an Auto mesh) keeps rows: FSDP row shards never cut row blocks, and eager,
+    jitted and ``eval_shape`` init agree (an Orbax target from ``eval_shape`` then matches)."""
+    assert jax.device_count() == 1, "the flat cases above assume a one-device process"
+    opt = rmsprop_jax.rmsprop(1e-3, accumulator_dtype="fp8")
+    params = {"w": jnp.zeros((64, 96))}
+    assert opt.init(params).nu["w"].layout == "flat"
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    layouts = {opt.init(params).nu["w"].layout, jax.eval_shape(opt.init, params).nu["w"].layout}
+    assert layouts == {"rows"}
+
+
 @pytest.mark.parametrize("layout", ["rows", "flat", "tiles"])
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_auto_reads_the_stored_layout_from_absmax_shape(fmt: str, layout: str) -> None:

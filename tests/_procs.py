@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-HERE = Path(__file__).parent
-
 # XLA:CPU runs a collective over n devices on n threads of its client pool, which it sizes at
 # max(cores, n) -- exactly n on this 2-core machine, with no thread to spare for any other task.
 # Under CI load (two pytest workers on 2 cores) one all-gather of an 8-device check saw 4 of its 8

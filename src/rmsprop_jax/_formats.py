@@ -121,9 +121,10 @@ class Int8(_Blockwise):
         ``AxisType.Explicit`` mesh; a tracer of an ``AxisType.Auto`` mesh shows none) splits the
         last axis into shards that cut row blocks and 2-D tiles fit its shards: then ``"tiles"``
         (where neither fits, ``init`` warns, naming the leaf); or unless the rows end in a partial
-        block while the leaf is whole blocks and only its first axis is sharded (or nothing is
-        known): then ``"flat"`` (a zero-padded partial block costs XLA:CPU a pass over memory and
-        keeps the leaf from the fused GPU kernel). The layout is stored in each leaf.
+        block while the leaf is whole blocks, in a one-device process or where its known sharding
+        splits only the first axis into whole blocks: then ``"flat"`` (a zero-padded partial
+        block costs XLA:CPU a pass over memory and keeps the leaf from the fused GPU kernel). The
+        layout is stored in each leaf.
         ``"rows"``: blocks along the last axis, each row cut on its own (the last block of a
         row may be short), so that blocks never straddle shards of an array sharded along a
         leading axis (or along the last one in multiples of ``block_size``) and the update needs

@@ -349,7 +349,7 @@ def block_specs(
         axes = tuple(a for e in spec for a in names(e))
         lead = axes[0] if len(axes) == 1 else axes
         k = devices(lead)
-        if shape[0] % k == 0 and math.prod(shape) % (k * block_size) == 0:
+        if _whole_flat_shards(shape, k, block_size):
             return (lead,) + (None,) * (ndim - 1), (lead, None)
         return (None,) * ndim, (None, None)
     last, work = spec[-1], list(spec)
@@ -448,7 +448,12 @@ def _flat_fits(like: Any, shape: tuple[int, ...], block_size: int) -> bool:
         return jax.device_count() == 1 or _replicated_type(like)
     (lead, *rest), sizes = known
     k = shard_count(lead, sizes)
-    return all(e is None for e in rest) and shape[0] % k == 0 and math.prod(shape) % (k * block_size) == 0
+    return all(e is None for e in rest) and _whole_flat_shards(shape, k, block_size)
+
+
+def _whole_flat_shards(shape: tuple[int, ...], k: int, block_size: int) -> bool:
+    """Whether ``k`` shards of the first axis each hold whole blocks of the flattened leaf."""
+    return shape[0] % k == 0 and math.prod(shape) % (k * block_size) == 0
 
 
 def unfit_tiles(x: Any, block_size: int) -> str | None:

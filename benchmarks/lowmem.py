@@ -11,7 +11,8 @@ State formats (``MODES``), each on float32 parameters, under the suite's two con
   steps eligible 8-bit leaves with its fused kernel: the row is what the library chose.
 * ``int4``: ``accumulator_dtype="int4"``: two 4-bit codes per byte; the second moment of a matrix
   rank-1 normalized (a float32 maximum per row and per column), other accumulators in blocks of 128
-  with a float32 scale each (Li et al. 2023; leaves below 4096 elements keep float32).
+  with a float32 scale each (Li et al. 2023; leaves below 4096 elements keep float32), stochastic
+  rounding (the default); ``int4_nearest``: the same rounded to nearest (lpmm's and torchao's).
 * ``fp8``: ``accumulator_dtype="fp8"``: float8_e4m3fn codes with a float32 scale per block of 256
   (torchao's scheme), stochastic rounding (the default); ``fp8_nearest``: the same rounded to nearest.
 * ``int8_apply`` (step cost only): the same state stepped by ``rmsprop_jax.update_and_apply``
@@ -53,6 +54,7 @@ MODES: dict[str, dict[str, Any]] = {
     "bf16_sr": {"accumulator_dtype": jnp.bfloat16},
     "int8": {"accumulator_dtype": "int8"},
     "int4": {"accumulator_dtype": "int4"},
+    "int4_nearest": {"accumulator_dtype": rmsprop_jax.Int4(rounding="nearest")},
     "fp8": {"accumulator_dtype": "fp8"},
     "fp8_nearest": {"accumulator_dtype": rmsprop_jax.Fp8(rounding="nearest")},
 }
@@ -116,7 +118,14 @@ def measure_cost(
 
 
 TORCHAO_SHAPE = (2048, 2048)  # 4M elements, the size of the torchao measurements
-TORCHAO_OPTIMIZERS = {"int8": "AdamW8bit", "int4": "AdamW4bit", "fp8": "AdamWFp8"}
+# torchao rounds to nearest: the *_nearest rows are the like-for-like ones, the others our defaults
+TORCHAO_OPTIMIZERS = {
+    "int8": "AdamW8bit",
+    "int4": "AdamW4bit",
+    "int4_nearest": "AdamW4bit",
+    "fp8": "AdamWFp8",
+    "fp8_nearest": "AdamWFp8",
+}
 
 
 class _TorchStep:
@@ -152,7 +161,7 @@ def torchao_cost(rounds: int, per_round: int) -> dict[str, Any] | None:
         kw = MODES[mode]
         cases[f"rmsprop_jax/{mode}"] = JaxCase(rmsprop_jax.rmsprop(1e-3, **kw), params, grads, donate=True)
     cases["torch/AdamW"] = _TorchStep(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False), p, g)
-    for name in TORCHAO_OPTIMIZERS.values():
+    for name in dict.fromkeys(TORCHAO_OPTIMIZERS.values()):
         cases[f"torchao/{name}"] = _TorchStep(lambda ps, name=name: getattr(tao, name)(ps, lr=1e-3), p, g)
     times = interleave(cases, rounds, per_round)
     med = {k: float(np.median(v)) for k, v in times.items()}

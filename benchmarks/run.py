@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget", type=float, default=None, help="manyleaf: start no new group after this many seconds"
     )
-    ap.add_argument("--seeds", default=None, help="quality: comma-separated seeds (default 0,1; quick 0)")
+    ap.add_argument("--seeds", default=None, help="quality: comma-separated seeds (default 0,1,2,3; quick 0)")
     args = ap.parse_args(argv)
 
     if args.render is not None:

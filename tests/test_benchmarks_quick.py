@@ -107,7 +107,7 @@ def test_render_rebuilds_outputs_from_json(quick_run: Path, tmp_path: Path, name
 def test_quick_lowmem_section(quick_run: Path) -> None:
     """The low-memory section (benchmarks/lowmem.py): bytes per parameter, step-cost ratios, nu error."""
     data = json.loads((quick_run / "lowmem.json").read_text())
-    assert set(data["modes"]) == {"float32", "bf16_sr", "int8", "int4", "fp8", "fp8_nearest"}
+    assert set(data["modes"]) == {"float32", "bf16_sr", "int8", "int4", "int4_nearest", "fp8", "fp8_nearest"}
     assert data["torchao"] is None  # --quick leaves the torchao comparison (torch.compile) out
     assert {(g["workload"], g["config"]) for g in data["groups"]} == {
         (w, c)
@@ -138,9 +138,10 @@ def test_quick_lowmem_section(quick_run: Path) -> None:
         # levels per block of 128 of this 1-D leaf, measured 0.18)
         assert g["cost"]["float32"]["nu_rel_err"] == 0
         for m, c in g["cost"].items():
-            assert m == "float32" or 0 < c["nu_rel_err"] < (0.25 if m == "int4" else 0.05), (m, c)
+            assert m == "float32" or 0 < c["nu_rel_err"] < (0.25 if m.startswith("int4") else 0.05), (m, c)
     md = (quick_run / "lowmem.md").read_text()
-    assert "| workload | config | float32 | bf16_sr | int8 | int4 | fp8 |" in md and "nan" not in md.lower()
+    header = "| workload | config | float32 | bf16_sr | int8 | int4 | int4_nearest | fp8 | fp8_nearest |"
+    assert header in md and "nan" not in md.lower()
     assert (quick_run / "lowmem.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -169,7 +170,8 @@ def test_quick_manyleaf_section(quick_run: Path) -> None:
 def test_quick_quality_section(quick_run: Path) -> None:
     """The quality section: every (model, config, format) trained, accuracies and losses finite."""
     data = json.loads((quick_run / "lowmem_quality.json").read_text())
-    formats = ("float32", "bf16_sr", *QUANTIZED, "fp8_nearest", *(f"{m}_all" for m in QUANTIZED))
+    nearest = ("int4_nearest", "fp8_nearest")
+    formats = ("float32", "bf16_sr", *QUANTIZED, *nearest, *(f"{m}_all" for m in QUANTIZED))
     assert set(data["modes"]) == set(formats)
     seen = {(r["model"], r["config"], r["mode"]) for r in data["runs"]}
     assert seen == {("cnn", "plain", f) for f in ("float32", "int8_all")} | {

@@ -392,10 +392,12 @@ def test_bad_format_values_raise() -> None:
             fmt(min_size=-1)
     with pytest.raises(ValueError, match="rank1=1"):
         rmsprop_jax.Int4(rank1=1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="rounding='optax'"):
-        rmsprop_jax.Fp8(rounding="optax")
-    with pytest.raises(ValueError, match="seed=-1"):
-        rmsprop_jax.Fp8(seed=-1)
+    for fmt in (rmsprop_jax.Int4, rmsprop_jax.Fp8):
+        allowed = r"rounding='optax' is invalid; allowed: 'stochastic' or 'nearest'"
+        with pytest.raises(ValueError, match=allowed):
+            fmt(rounding="optax")
+        with pytest.raises(ValueError, match=r"seed=-1.*\[0, 2\*\*32\)"):
+            fmt(seed=-1)
     with pytest.raises(ValueError, match=r"float8_e5m2.*accumulator_dtype='fp8'"):
         rmsprop_jax.rmsprop(1e-3, accumulator_dtype=jnp.float8_e5m2)
 

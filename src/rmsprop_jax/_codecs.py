@@ -153,7 +153,7 @@ class Quantized:
     ``"fp8"`` (torchao's block-scaled float8_e4m3fn) or ``"int4"`` (torchao's / lpmm's 4-bit maps;
     ``layout="rank1"``: lpmm's rank-1 normalized second moment), see :mod:`rmsprop_jax._lowbit`.
 
-    ``rounding`` (fp8 only): ``"nearest"`` or ``"stochastic"``. ``shape``: the parameter's shape
+    ``rounding`` (fp8 and int4): ``"nearest"`` or ``"stochastic"``. ``shape``: the parameter's shape
     (4-bit codes are packed, so it is not theirs).
     """
 
@@ -171,7 +171,7 @@ class Quantized:
     @property
     def stochastic(self) -> bool:
         """Whether ``encode`` takes random bits."""
-        return self.kind == "fp8" and self.rounding == "stochastic"
+        return self.kind in ("fp8", "int4") and self.rounding == "stochastic"
 
     def init(self, fill: Array) -> QuantizedLeaf:
         return self.encode(fill, None)
@@ -198,9 +198,11 @@ class Quantized:
                 positive=not self.signed,
             )
         elif self.kind == "int4" and self.layout == "rank1":
-            codes, scale = _lowbit.quantize_rank1(value)
+            codes, scale = _lowbit.quantize_rank1(value, bits if self.stochastic else None)
         elif self.kind == "int4":
-            codes, scale = _lowbit.quantize_int4(value, block_size=bs, axis=axis, signed=self.signed)
+            codes, scale = _lowbit.quantize_int4(
+                value, block_size=bs, axis=axis, signed=self.signed, bits=bits if self.stochastic else None
+            )
         else:
             codes, scale = _quantize.quantize_blockwise(value, block_size=bs, signed=self.signed, axis=axis)
         return self.leaf(codes, scale)
@@ -215,13 +217,13 @@ class Quantized:
 
 
 def leaf_codec(leaf: QuantizedLeaf, rounding: str = "nearest") -> Quantized:
-    """The codec that made ``leaf`` (its static data; ``rounding``: the format's, for fp8)."""
+    """The codec that made ``leaf`` (its static data; ``rounding``: the format's, for fp8 and int4)."""
     return Quantized(
         leaf.block_size,
         leaf.signed,
         leaf.layout,
         leaf.kind,
-        rounding if leaf.kind == "fp8" else "nearest",
+        rounding if leaf.kind in ("fp8", "int4") else "nearest",
         leaf.shape if leaf.kind == "int4" else None,
     )
 

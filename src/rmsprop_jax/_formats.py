@@ -27,7 +27,7 @@ from rmsprop_jax._codecs import PLAIN, Codec, Nearest, Quantized, Stochastic
 
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 ROUNDINGS = ("stochastic", "nearest", "optax")
-FP8_ROUNDINGS = ("stochastic", "nearest")
+QUANTIZED_ROUNDINGS = ("stochastic", "nearest")
 LAYOUTS = ("auto", "rows", "flat", "tiles")
 
 
@@ -225,6 +225,13 @@ class Int4(_Blockwise):
         leaves do too.
       layout: the blocks' layout, as :class:`Int8`'s (``"auto"``, ``"rows"``, ``"flat"`` or ``"tiles"``).
       rank1: rank-1 normalization of the second moment of matrices (``False``: blocks).
+      rounding: ``"stochastic"`` (default): each value goes to one of its two neighbouring map
+        values with probabilities that make the code unbiased (a ``nu`` below the map's smallest
+        value ``1/16`` of its scale keeps that code); ``"nearest"``: lpmm's ``real-nearest`` and
+        torchao's rounding, code for code. With 16 levels a momentum buffer rounded to nearest
+        loses every change smaller than half a level: on the noisy quadratic (centered, momentum
+        0.9) nearest ends 8.8 % above float32 state, stochastic 0.2 % below it.
+      seed: the stochastic rounding's seed, an integer in [0, 2**32).
 
     Example:
       >>> import jax.numpy as jnp, rmsprop_jax
@@ -237,10 +244,14 @@ class Int4(_Blockwise):
     min_size: int = 4096
     layout: str = "auto"
     rank1: bool = True
+    rounding: str = "stochastic"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_blocks(self, "lpmm and torchao: 128")
         _validate.boolean("rank1", self.rank1)
+        _validate.choice("rounding", self.rounding, QUANTIZED_ROUNDINGS)
+        _validate.integer("seed", self.seed, 0, 2**32, "an integer in [0, 2**32)")
 
     def quantized(self, shape: tuple[int, ...], role: str, like: Any = None) -> Quantized:
         signed = role != "nu"
@@ -248,7 +259,7 @@ class Int4(_Blockwise):
             layout = "rank1"
         else:
             layout = leaf_layout(self.layout, shape, self.block_size, like)
-        return Quantized(self.block_size, signed, layout, "int4", shape=tuple(shape))
+        return Quantized(self.block_size, signed, layout, "int4", self.rounding, tuple(shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +299,7 @@ class Fp8(_Blockwise):
 
     def __post_init__(self) -> None:
         _check_blocks(self, "torchao: 256")
-        _validate.choice("rounding", self.rounding, FP8_ROUNDINGS)
+        _validate.choice("rounding", self.rounding, QUANTIZED_ROUNDINGS)
         _validate.integer("seed", self.seed, 0, 2**32, "an integer in [0, 2**32)")
 
     def quantized(self, shape: tuple[int, ...], role: str, like: Any = None) -> Quantized:
@@ -301,7 +312,7 @@ Format = Float | Int8 | Int4 | Fp8
 _ALLOWED = (
     "None, a floating dtype, 'int8', 'int4', 'fp8', rmsprop_jax.Float(dtype, rounding=..., seed=...), "
     "rmsprop_jax.Int8(block_size=..., min_size=..., layout=..., signed=...), "
-    "rmsprop_jax.Int4(block_size=..., min_size=..., layout=..., rank1=...) or "
+    "rmsprop_jax.Int4(block_size=..., min_size=..., layout=..., rank1=..., rounding=..., seed=...) or "
     "rmsprop_jax.Fp8(block_size=..., min_size=..., layout=..., rounding=..., seed=...)"
 )
 _NAMED = {"int8": Int8, "int4": Int4, "fp8": Fp8}

@@ -27,9 +27,13 @@ torchao packs them). Two maps of 16 values:
   ``min(max_row_i, max_col_j, ...)``, whose vectors (``sum(shape)`` float32) are stored
   concatenated in place of per-block scales. Other ranks use blocks.
 
-A value is mapped to the nearest of the 16 (ties up), found as torchao's
+Under round to nearest a value is mapped to the nearest of the 16 (ties up), found as torchao's
 ``quantize_4bit_with_qmap`` finds it, with comparisons against the map's constants instead of
-table reads (the same codes; XLA fuses comparisons, not gathers).
+table reads (the same codes; XLA fuses comparisons, not gathers). Stochastic rounding (the
+format's default) takes the same two neighbours and goes up with probability equal to the
+value's fraction of the gap between them, ``u`` from the counter-based hash bits
+(:func:`_quantize.uniform`): unbiased between the map's extremes; the zero-free map's codes
+stay >= its smallest value.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def _select(table: np.ndarray, idx: Array) -> Array:
     return out
 
 
-def quantize4(v: Array, table: np.ndarray) -> Array:
+def quantize4(v: Array, table: np.ndarray, bits: Array | None = None) -> Array:
     """Codes (int32) of normalized float32 ``v``: torchao's ``quantize_4bit_with_qmap``.
 
     Its binary search finds the largest ``c`` with ``v >= table[c]`` (0 if none); here that is the
@@ -92,10 +96,12 @@ def quantize4(v: Array, table: np.ndarray) -> Array:
     two), so is ``frac = t - floor(t)``, and the rule above is ``floor(t) - 1 + (frac >= 1/2)``
     clipped to [0, 15] (``v - table[c]`` is exact there, by Sterbenz's lemma); NaN gets 0.
     """
+    u = None if bits is None else _quantize.uniform(bits)
     if _is_linear(table):
         t = v * jnp.float32(16)
         k = jnp.floor(t)
-        idx = k.astype(jnp.int32) - 1 + (t - k >= jnp.float32(0.5)).astype(jnp.int32)
+        up_ = (t - k >= jnp.float32(0.5)) if u is None else (t - k > u)
+        idx = k.astype(jnp.int32) - 1 + up_.astype(jnp.int32)
         return jnp.where(jnp.isnan(v), 0, jnp.clip(idx, 0, 15))
     # One comparison per map value; table[c] and table[c + 1] are selected by the same masks
     # (the table is sorted, so the last true mask is c).
@@ -109,6 +115,8 @@ def quantize4(v: Array, table: np.ndarray) -> Array:
         down_v = jnp.where(m, jnp.float32(table[i]), down_v)
         up_v = jnp.where(m, jnp.float32(table[min(i + 1, last)]), up_v)
     up = jnp.minimum(c + 1, last)
+    if u is not None:
+        return jnp.where(v - down_v > (up_v - down_v) * u, up, c)
     return jnp.where(v - down_v >= (up_v - down_v) * jnp.float32(0.5), up, c)
 
 
@@ -245,22 +253,27 @@ def fp8_to_float32(codes: Array) -> Array:
 
 
 def quantize_int4(
-    x: Array, *, block_size: int = 128, axis: _quantize.Axis = None, signed: bool = True
+    x: Array,
+    *,
+    block_size: int = 128,
+    axis: _quantize.Axis = None,
+    signed: bool = True,
+    bits: Array | None = None,
 ) -> tuple[Array, Array]:
     """``(packed codes, scale)``: block-wise 4-bit codes, two per byte, and ``max |x|`` per block."""
     table = _map4_np(bool(signed))
 
-    def encode(xb: Array, _: Any, tiled: bool) -> tuple[Array, Array]:
+    def encode(xb: Array, bb: Array | None, tiled: bool) -> tuple[Array, Array]:
         if signed:  # torchao's scale, clipped, so that an all-zero block gets the code of 0
             scale = jnp.maximum(_block_max(xb, tiled), jnp.float32(_TINY))
-            return quantize4(xb / scale[..., None], table), scale
+            return quantize4(xb / scale[..., None], table, bb), scale
         # the zero-free map has no code for 0: an all-zero block keeps scale 0 and decodes to 0
         # exactly (as the rank-1 path does), so a fresh state is zero, not 1e-12 / 16
         scale = _block_max(xb, tiled)
         safe = jnp.where(scale > 0, scale, 1.0)[..., None]
-        return quantize4(jnp.where(scale[..., None] > 0, xb / safe, 0.0), table), scale
+        return quantize4(jnp.where(scale[..., None] > 0, xb / safe, 0.0), table, bb), scale
 
-    codes, scale = _blockwise(x, block_size, axis, encode)
+    codes, scale = _blockwise(x, block_size, axis, encode, bits)
     return pack(codes), scale
 
 
@@ -302,14 +315,14 @@ def _rank1_scale(stats: list[Array], ndim: int) -> Array:
     return out
 
 
-def quantize_rank1(x: Array) -> tuple[Array, Array]:
+def quantize_rank1(x: Array, bits: Array | None = None) -> tuple[Array, Array]:
     """``(packed codes, stats)``: rank-1 normalized 4-bit codes on the zero-free linear map, and the
     per-axis maxima concatenated (``sum(x.shape)`` float32). ``x`` is non-negative, of rank >= 2."""
     table = _map4_np(False)
     stats = rank1_stats(x)
     s = _rank1_scale(stats, x.ndim)
     v = x.astype(jnp.float32) / s
-    codes = jnp.where(s > 0, quantize4(jnp.where(s > 0, v, 0.0), table), 0)
+    codes = jnp.where(s > 0, quantize4(jnp.where(s > 0, v, 0.0), table, bits), 0)
     return pack(codes), jnp.concatenate(stats)
 
 

@@ -633,6 +633,11 @@ def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
     return _mix32(idx * jnp.uint32(0x9E3779B9) + key)
 
 
+def uniform(bits: Array) -> Array:
+    """float32 in [0, 1) from uint32 ``bits``: their top 24 bits times ``2**-24`` (exact)."""
+    return (bits >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
 class _FloatFormat(NamedTuple):
     mantissa_bits: int
     min_exponent: int  # of the smallest normal number

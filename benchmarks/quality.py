@@ -148,6 +148,9 @@ def run_section(quick: bool, names: set[str], seeds: list[int] | None = None) ->
                         r = train_digits(model_kind, config, kw, seed, epochs)
                         summary = f"test acc {100 * r['test_acc'][-1]:.2f} %"
                     runs.append({"model": model_kind, "config": config, "mode": mode, "seed": seed} | r)
+                    # Each run compiles new programs, and JAX's caches keep them: ~320 memory maps
+                    # per CNN run, so a 4-seed run reached Linux's 65530 and LLVM failed to map.
+                    jax.clear_caches()
                     print(
                         f"{model_kind:9s} {config:17s} {mode:11s} seed {seed}: {summary}, "
                         f"{r['bytes_per_param']:.3f} B/param, "

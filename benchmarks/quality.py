@@ -291,11 +291,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
                 )
         ax[0].set_title(f"CNN train loss, {config}", fontsize=9)
         ax[1].set_title(f"GRU train loss, {config}", fontsize=9)
-        ax[2].set_title(f"test acc % (seed mean; CNN -, GRU --), {config}", fontsize=9)
+        ax[2].set_title(f"test acc % (seed mean; CNN -, GRU --; colours as beside), {config}", fontsize=9)
         ax[3].set_title(f"noisy quadratic f(x), {config}", fontsize=9)
-        for a in ax:
+        for k, a in enumerate(ax):
             a.grid(alpha=0.3)
-            if a.get_legend_handles_labels()[0]:  # --quick trains no GRU
+            # the accuracy panel's 2 x formats entries would cover its curves
+            if k != 2 and a.get_legend_handles_labels()[0]:  # --quick trains no GRU
                 a.legend(fontsize=7)
         ax[2].set_ylim(80, 100)
     fig.tight_layout()

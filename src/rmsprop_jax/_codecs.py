@@ -34,6 +34,10 @@ from rmsprop_jax import _lowbit, _quantize
 Array = jax.Array
 
 
+# the quantized kinds whose codes can round stochastically (int8 rounds to nearest only)
+ROUNDED_KINDS = ("fp8", "int4")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedLeaf:
     """A block-wise quantized accumulator: ``codes`` and ``absmax`` (the float32 scales), with the
@@ -171,7 +175,7 @@ class Quantized:
     @property
     def stochastic(self) -> bool:
         """Whether ``encode`` takes random bits."""
-        return self.kind in ("fp8", "int4") and self.rounding == "stochastic"
+        return self.kind in ROUNDED_KINDS and self.rounding == "stochastic"
 
     def init(self, fill: Array) -> QuantizedLeaf:
         return self.encode(fill, None)
@@ -223,7 +227,7 @@ def leaf_codec(leaf: QuantizedLeaf, rounding: str = "nearest") -> Quantized:
         leaf.signed,
         leaf.layout,
         leaf.kind,
-        rounding if leaf.kind in ("fp8", "int4") else "nearest",
+        rounding if leaf.kind in ROUNDED_KINDS else "nearest",
         leaf.shape if leaf.kind == "int4" else None,
     )
 

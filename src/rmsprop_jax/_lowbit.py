@@ -100,8 +100,8 @@ def quantize4(v: Array, table: np.ndarray, bits: Array | None = None) -> Array:
     if _is_linear(table):
         t = v * jnp.float32(16)
         k = jnp.floor(t)
-        up_ = (t - k >= jnp.float32(0.5)) if u is None else (t - k > u)
-        idx = k.astype(jnp.int32) - 1 + up_.astype(jnp.int32)
+        go_up = (t - k >= jnp.float32(0.5)) if u is None else (t - k > u)
+        idx = k.astype(jnp.int32) - 1 + go_up.astype(jnp.int32)
         return jnp.where(jnp.isnan(v), 0, jnp.clip(idx, 0, 15))
     # One comparison per map value; table[c] and table[c + 1] are selected by the same masks
     # (the table is sorted, so the last true mask is c).
